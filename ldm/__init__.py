@@ -1,0 +1,1 @@
+"""ldm: readable denoising diffusion and latent diffusion in PyTorch."""

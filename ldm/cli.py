@@ -1,0 +1,155 @@
+"""The ``ldm`` command line: train, sample, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .config import parse_value
+from .data import DATASETS, DatasetUnavailableError
+from .samplers import SAMPLERS
+from .schedule import ScheduleConfig
+from .train import PRESETS, TrainConfig, TrainingDiverged
+from .unet import UNetConfig
+
+
+def override_config(config: TrainConfig, pairs: list[str]) -> TrainConfig:
+    """Apply ``--field value`` pairs: TrainConfig fields, or UNet/schedule fields as ``--unet.field`` /
+    ``--schedule.field`` (the prefix may be dropped when the name is unambiguous)."""
+    sections = {"unet": UNetConfig, "schedule": ScheduleConfig}
+    top = {f.name for f in dataclasses.fields(TrainConfig)} - set(sections)
+    changes: dict[str, dict] = {"": {}, "unet": {}, "schedule": {}}
+    if len(pairs) % 2:
+        raise SystemExit(f"expected --field value pairs, got {' '.join(pairs)}")
+    for flag, text in zip(pairs[::2], pairs[1::2]):
+        if not flag.startswith("--"):
+            raise SystemExit(f"expected an option, got {flag!r}")
+        name = flag[2:].replace("-", "_")
+        section, _, field = name.rpartition(".")
+        if not section:
+            owners = [s for s, cls in sections.items() if field in {f.name for f in dataclasses.fields(cls)}]
+            owners += [""] if field in top else []
+            if len(owners) != 1:
+                known = sorted(top) + [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
+                raise SystemExit(f"unknown option --{field}" if not owners else f"--{field} is ambiguous ({owners}); "
+                                 f"use a prefix\nknown fields: {', '.join(known)}")
+            section = owners[0]
+        cls = sections.get(section, TrainConfig)
+        try:
+            changes[section][field] = parse_value(cls, field, text)
+        except ValueError as e:
+            raise SystemExit(f"--{name}: {e}") from None
+    return config.with_(unet=config.unet.with_(**changes["unet"]), schedule=config.schedule.with_(**changes["schedule"]),
+                        **changes[""])
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    from .train import train
+
+    config = PRESETS[args.preset]()
+    direct = {k: v for k, v in dict(steps=args.steps, max_minutes=args.max_minutes, dataset=args.dataset,
+                                     data_dir=args.data_dir).items() if v is not None}
+    if args.class_conditional:
+        direct["class_conditional"] = True
+    config = override_config(config.with_(**direct), extra)
+    if config.steps is None and config.max_minutes is None:
+        raise SystemExit("give a budget: --steps N and/or --max-minutes M")
+    if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
+        raise SystemExit(f"--resume: no checkpoint.pt in {args.out}")
+    trainer = train(config, args.out, resume=args.resume, device=args.device)
+    if trainer.rank == 0:
+        print(f"trained to step {trainer.step}; run directory {args.out} (samples.png, checkpoint.pt, config.json)")
+
+
+def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
+    from .images import save_gif, save_grid, save_strip
+    from .pipeline import PixelDiffusion
+
+    if extra:
+        raise SystemExit(f"unknown options for sample: {' '.join(extra)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = PixelDiffusion.from_run(args.run, ema=not args.raw_weights, device=device)
+    options = dict(sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=args.class_label,
+                   guidance=args.guidance)
+    if args.sampler == "ddim":
+        options["eta"] = args.eta
+    out = Path(args.out)
+    if args.trajectory:
+        records = []
+        with torch.inference_mode():
+            from tqdm.auto import tqdm
+
+            for record in tqdm(model.loop(args.n, **options), total=args.steps, desc="sample"):
+                records.append((record.t, record.x_t[:8].cpu(), record.x0_pred[:8].cpu()))
+            samples = record.x_prev
+        keep = np.unique(np.linspace(0, len(records) - 1, min(10, len(records))).round().astype(int))
+        first = [torch.stack([records[i][1][0] for i in keep]), torch.stack([records[i][2][0] for i in keep])]
+        strip = save_strip(first, out.with_name(out.stem + "_trajectory.png"), scale=3)
+        frames = [torch.cat([x, x0], dim=-1) for _, x, x0 in records]  # x_t | x̂_0 side by side
+        gif = save_gif(frames, out.with_name(out.stem + "_trajectory.gif"), scale=3)
+        print(f"trajectory: {strip} (top: x_t, bottom: predicted x0, at t = {[records[i][0] for i in keep]}), {gif}")
+    else:
+        samples = model(args.n, **options)
+    save_grid(samples, out, nrow=args.nrow, scale=args.scale)
+    print(f"wrote {out}")
+    if args.npy:
+        np.save(args.npy, ((samples.float().cpu().clamp(-1, 1) + 1) / 2).numpy())
+        print(f"wrote {args.npy} ({args.n}×{samples.shape[1]}×{samples.shape[2]}×{samples.shape[3]} float32 in [0, 1])")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Readable diffusion models: train, sample, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a pixel-space diffusion model",
+                       epilog="Any config field can be set as --field value (e.g. --lr 5e-4, --unet.channels 64, "
+                              "--schedule.kind linear, --prediction v, --mixed-precision bf16).")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="mnist")
+    t.add_argument("--out", required=True, help="run directory (checkpoint, config, sample grids)")
+    t.add_argument("--steps", type=int, help="stop at this many optimizer steps (total, counting resumed ones)")
+    t.add_argument("--max-minutes", type=float, help="stop after this many minutes of this invocation")
+    t.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}, or a folder of images")
+    t.add_argument("--data-dir", help="where datasets are cached / placed by hand")
+    t.add_argument("--class-conditional", action="store_true", help="condition on labels (with label dropout for CFG)")
+    t.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample from a trained run")
+    s.add_argument("run", help="run directory or checkpoint file")
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    s.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--class", dest="class_label", type=int, help="class label for a class-conditional model")
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--npy", help="also save samples as an N×C×H×W float32 array in [0, 1]")
+    s.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png and .gif (x_t | predicted x0)")
+    s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--nrow", type=int)
+    s.add_argument("--scale", type=int, default=2, help="enlarge the grid image by this factor")
+    s.add_argument("--device")
+    s.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        args.func(args, extra)
+    except (ValueError, FileNotFoundError, CheckpointError, DatasetUnavailableError, TrainingDiverged) as e:
+        print(f"ldm {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

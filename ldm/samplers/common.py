@@ -1,0 +1,62 @@
+"""What every sampler shares: the model signature, the per-step record, and seeded noise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from ..diffusion import Prediction, split_prediction
+
+# Any denoiser: (x_t (B, C, H, W), t (B,) int64, cond or None) → prediction in its parametrisation.
+Model = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class StepRecord:
+    """One reverse step, t → t_prev: its input x_t, the model's x̂_0, and the result x_prev."""
+
+    index: int  # 0 … S−1
+    t: int
+    x_t: torch.Tensor
+    x0_pred: torch.Tensor
+    x_prev: torch.Tensor
+
+
+SamplerLoop = Iterator[StepRecord]
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device (CPU by default) and moved to ``device``.
+
+    Drawing on the CPU makes a seed give the same image on any accelerator.
+    """
+    g_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=g_device, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def predict(
+    model: Model, prediction: Prediction, x_t: torch.Tensor, t: int, cond, alpha_bar_t: torch.Tensor, clip_x0: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model at timestep t and return (x̂_0, ε̂).
+
+    With ``clip_x0``, x̂_0 is clamped to the data range [−1, 1]  [Ho et al. 2020, §3.3]; ε̂ is kept as
+    predicted (diffusers' default, so DDIM runs match its pipelines step for step).
+    """
+    t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    out = model(x_t, t_batch, cond)
+    if out.shape != x_t.shape:
+        raise ValueError(f"model returned shape {tuple(out.shape)}, expected {tuple(x_t.shape)}")
+    x0, eps = split_prediction(prediction, out.to(x_t.dtype), x_t, alpha_bar_t)
+    return (x0.clamp(-1, 1) if clip_x0 else x0), eps
+
+
+def alpha_bars(schedule, timesteps: torch.Tensor, final_alpha_bar: float | None = None):
+    """ᾱ at each visited timestep and at the step after it (1 after the last one, unless given).
+
+    ``final_alpha_bar`` is diffusers' ``set_alpha_to_one=False`` (ᾱ_0 instead of 1 after the last step).
+    """
+    ab = schedule.alpha_bar_f64[timesteps]
+    last = torch.tensor([1.0 if final_alpha_bar is None else final_alpha_bar], dtype=torch.float64)
+    return ab, torch.cat([ab[1:], last])

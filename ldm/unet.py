@@ -1,0 +1,183 @@
+"""The denoising UNet: one class, every model size a preset of ``UNetConfig``.
+
+Data flow (levels ℓ = 0 … L−1, resolution halves per level):
+
+    x_t ─conv_in─► [ResBlock (+Attention)] × num_res_blocks ─► Downsample ─► …   (down path, every output saved)
+                   mid: ResBlock ─ Attention ─ ResBlock
+    … ◄─ Upsample ◄─ [concat(skip) → ResBlock (+Attention)] × (num_res_blocks + 1) (up path, pops the saved outputs)
+    ─► GroupNorm ─ SiLU ─ conv_out ─► prediction (ε, x₀ or v)
+
+The timestep (and optional class label) enters every ResBlock through one embedding
+vector  [Ho et al. 2020, App. B; Nichol & Dhariwal 2021; Ronneberger et al. 2015].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import SelfAttentionBlock
+from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, zero_init
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 1
+    out_channels: int = 1
+    sample_size: int | None = 28  # None: any size divisible by 2^(levels−1)
+    channels: int = 64  # base width; level ℓ has channels · channel_mult[ℓ]
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention: tuple[bool, ...] = (False, False, True)  # self-attention at each level
+    mid_attention: bool = True
+    num_heads: int = 1
+    head_dim: int | None = None  # when set, heads = channels / head_dim (overrides num_heads)
+    dropout: float = 0.0
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    scale_shift: bool = False  # adaptive GroupNorm in ResBlocks
+    num_classes: int | None = None  # class-conditional; label num_classes is the null label for CFG
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    asymmetric_downsample: bool = False
+
+    def __post_init__(self):
+        if len(self.attention) != len(self.channel_mult):
+            raise ValueError(f"attention has {len(self.attention)} entries, channel_mult {len(self.channel_mult)}: need one per level")
+        for mult in self.channel_mult:
+            if (self.channels * mult) % self.norm_groups:
+                raise ValueError(f"width {self.channels * mult} is not divisible by norm_groups={self.norm_groups}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def with_(self, **changes) -> "UNetConfig":
+        return replace(self, **changes)
+
+    @classmethod
+    def mnist(cls) -> "UNetConfig":
+        """Small model for 28×28 grayscale digits (see README "MNIST recipe" for how it was chosen)."""
+        return cls(
+            in_channels=1, out_channels=1, sample_size=28, channels=32, channel_mult=(1, 2, 2),
+            num_res_blocks=1, attention=(False, False, True), mid_attention=True, head_dim=32,
+            norm_groups=8, scale_shift=True,
+        )
+
+    @classmethod
+    def ddpm_cifar10(cls) -> "UNetConfig":
+        """The DDPM paper's CIFAR-10 model (35.7M parameters)  [Ho et al. 2020, App. B]."""
+        return cls(
+            in_channels=3, out_channels=3, sample_size=32, channels=128, channel_mult=(1, 2, 2, 2),
+            num_res_blocks=2, attention=(False, True, False, False), mid_attention=True, num_heads=1,
+            dropout=0.1, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1.0, asymmetric_downsample=True,
+        )
+
+
+class UNetStage(nn.ModuleList):
+    """A few layers run in sequence; each gets the inputs it takes (ResBlocks the embedding)."""
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """Predicts ε (or x₀, or v) from x_t and t; optionally conditioned on a class label.
+
+    Shapes: x (B, in_channels, H, W), t (B,) or scalar, cond (B,) int64 labels or None
+    → (B, out_channels, H, W).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        emb_dim = 4 * c.channels
+        self.time_embedding = TimestepEmbedding(c.channels, emb_dim, c.flip_sin_to_cos, c.freq_shift)
+        self.class_embedding = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, dropout=c.dropout, groups=c.norm_groups, eps=c.norm_eps, scale_shift=c.scale_shift)
+
+        def attn(ch: int) -> SelfAttentionBlock:
+            head_dim = c.head_dim or ch // c.num_heads
+            return SelfAttentionBlock(ch, head_dim, groups=c.norm_groups, eps=c.norm_eps)
+
+        ch = c.channels
+        skip_channels = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, c.channels * mult)]
+                ch = c.channels * mult
+                if c.attention[level]:
+                    layers.append(attn(ch))
+                self.down.append(UNetStage(layers))
+                skip_channels.append(ch)
+            if level < len(c.channel_mult) - 1:
+                self.down.append(UNetStage([Downsample(ch, c.asymmetric_downsample)]))
+                skip_channels.append(ch)
+
+        self.mid = UNetStage([res(ch, ch), attn(ch), res(ch, ch)] if c.mid_attention else [res(ch, ch), res(ch, ch)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), c.channels * mult)]
+                ch = c.channels * mult
+                if c.attention[level]:
+                    layers.append(attn(ch))
+                if level > 0 and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.up.append(UNetStage(layers))
+
+        self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=c.norm_eps)
+        self.conv_out = zero_init(nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                zero_init(module.conv2)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"expected x of shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if c.sample_size is not None and (H, W) != (c.sample_size, c.sample_size):
+            raise ValueError(f"this UNet was configured for {c.sample_size}×{c.sample_size} inputs, got {H}×{W}")
+        f = c.downsample_factor
+        if H % f or W % f:
+            raise ValueError(f"input size {H}×{W} is not divisible by {f} (the UNet downsamples {len(c.channel_mult) - 1} times)")
+
+    def embed(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        t = t.expand(batch) if t.dim() == 0 else t
+        emb = self.time_embedding(t)
+        if self.class_embedding is not None:
+            n = self.config.num_classes
+            labels = torch.full((batch,), n, device=device) if cond is None else cond.to(device)
+            if labels.dtype.is_floating_point or labels.shape != (batch,):
+                raise ValueError(f"cond must be int64 class labels of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}")
+            if labels.min() < 0 or labels.max() > n:
+                raise ValueError(f"class label out of range [0, {n}] ({n} = null label): got {labels.tolist()}")
+            emb = emb + self.class_embedding(labels)
+        elif cond is not None:
+            raise ValueError("this UNet is unconditional (num_classes=None) but a cond was passed")
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
+        emb = self.embed(t, cond, x.shape[0], x.device)
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, emb)
+            skips.append(h)
+        h = self.mid(h, emb)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from ldm.data import ImageDataset, load_dataset
+from ldm.train import TrainConfig
+from ldm.unet import UNetConfig
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def mnist_small() -> ImageDataset:
+    """512 real digits from the bundled MNIST test set."""
+    data = load_dataset("mnist-bundled")
+    return ImageDataset(data.images[:512].clone(), data.labels[:512].clone(), 10, name="mnist-small")
+
+
+@pytest.fixture
+def tiny_config() -> TrainConfig:
+    unet = UNetConfig(in_channels=1, out_channels=1, sample_size=28, channels=16, channel_mult=(1, 2),
+                      num_res_blocks=1, attention=(False, True), mid_attention=False, head_dim=16, norm_groups=8,
+                      dropout=0.1)
+    return TrainConfig(unet=unet, batch_size=16, lr=2e-3, warmup_steps=2, checkpoint_every=1000, sample_every=0,
+                       sample_n=4, sample_steps=3, steps=6)

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.cli import main
+
+TINY = ["--unet.channels", "16", "--channel-mult", "1,2", "--attention", "false,true", "--num-res-blocks", "1",
+        "--norm-groups", "8", "--head-dim", "16", "--batch-size", "16", "--sample-n", "4", "--sample-steps", "2",
+        "--sample-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    main(["train", "--preset", "mnist", "--out", str(out), "--steps", "3", "--class-conditional", *TINY])
+    return out
+
+
+def test_train_writes_run_and_resume_continues(run_dir, capsys):
+    assert {"checkpoint.pt", "config.json", "samples.png"} <= {p.name for p in run_dir.iterdir()}
+    main(["train", "--preset", "mnist", "--out", str(run_dir), "--steps", "5", "--class-conditional", "--resume", *TINY])
+    assert "trained to step 5" in capsys.readouterr().out
+
+
+def test_sample_is_reproducible_and_writes_npy(run_dir, tmp_path):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    for npy in (a, b):
+        main(["sample", str(run_dir), "--steps", "4", "--n", "6", "--seed", "3", "--out", str(tmp_path / "g.png"), "--npy", str(npy)])
+    x = np.load(a)
+    assert x.shape == (6, 1, 28, 28) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert np.array_equal(x, np.load(b))
+    main(["sample", str(run_dir), "--steps", "4", "--n", "6", "--seed", "4", "--out", str(tmp_path / "g.png"), "--npy", str(a)])
+    assert not np.array_equal(np.load(a), x)
+
+
+def test_sample_trajectory_class_and_guidance(run_dir, tmp_path):
+    out = tmp_path / "t.png"
+    main(["sample", str(run_dir), "--steps", "5", "--n", "4", "--class", "7", "--guidance", "3", "--trajectory",
+          "--sampler", "ddpm", "--out", str(out)])
+    assert Image.open(out).size[0] > 0
+    assert Image.open(tmp_path / "t_trajectory.gif").n_frames == 5
+    assert Image.open(tmp_path / "t_trajectory.png").size[1] > 2 * 28
+
+
+def test_errors_are_clear(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", str(run_dir), "--class", "12", "--steps", "2", "--out", str(tmp_path / "x.png")])
+    assert "class [12" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(run_dir), "--steps", "5000", "--out", str(tmp_path / "x.png")])
+    assert "num_inference_steps" in capsys.readouterr().err
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes((run_dir / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        main(["sample", str(bad), "--out", str(tmp_path / "x.png")])
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "r"), "--steps", "1", "--schedule.kind", "quadratic"])
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "r")])
