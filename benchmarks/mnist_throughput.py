@@ -51,7 +51,7 @@ def measure(config: TrainConfig, data, repeats: int, steps_per_block: int = 5) -
         times.append((time.perf_counter() - t0) / steps_per_block)
     step = statistics.median(times)
     params = sum(p.numel() for p in trainer.model.parameters())
-    return {"params_M": params / 1e6, "s_per_step": step, "images_per_s": config.batch_size / step}
+    return {"params_M": params / 1e6, "s_per_step": step, "images_per_s": config.loop.batch_size / step}
 
 
 def main() -> None:

@@ -15,16 +15,20 @@ from .config import parse_value
 from .data import DATASETS, DatasetUnavailableError
 from .samplers import SAMPLERS
 from .schedule import ScheduleConfig
-from .train import PRESETS, TrainConfig, TrainingDiverged
+from .loop import TrainingDiverged
+from .train import PRESETS, TrainConfig
 from .unet import UNetConfig
 
 
-def override_config(config: TrainConfig, pairs: list[str]) -> TrainConfig:
-    """Apply ``--field value`` pairs: TrainConfig fields, or UNet/schedule fields as ``--unet.field`` /
-    ``--schedule.field`` (the prefix may be dropped when the name is unambiguous)."""
-    sections = {"unet": UNetConfig, "schedule": ScheduleConfig}
-    top = {f.name for f in dataclasses.fields(TrainConfig)} - set(sections)
-    changes: dict[str, dict] = {"": {}, "unet": {}, "schedule": {}}
+def override_config(config, pairs: list[str]):
+    """Apply ``--field value`` pairs to a config: its own fields, or fields of its nested configs as
+    ``--unet.channels`` / ``--schedule.kind`` / ``--loop.lr`` (the prefix may be dropped when the name
+    is unambiguous). Hyphens and underscores are interchangeable."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    sections = {name: type(getattr(config, name)) for name in fields if dataclasses.is_dataclass(getattr(config, name))}
+    top = set(fields) - set(sections)
+    known = sorted(top) + [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
+    changes: dict[str, dict] = {"": {}, **{name: {} for name in sections}}
     if len(pairs) % 2:
         raise SystemExit(f"expected --field value pairs, got {' '.join(pairs)}")
     for flag, text in zip(pairs[::2], pairs[1::2]):
@@ -36,17 +40,17 @@ def override_config(config: TrainConfig, pairs: list[str]) -> TrainConfig:
             owners = [s for s, cls in sections.items() if field in {f.name for f in dataclasses.fields(cls)}]
             owners += [""] if field in top else []
             if len(owners) != 1:
-                known = sorted(top) + [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
-                raise SystemExit(f"unknown option --{field}" if not owners else f"--{field} is ambiguous ({owners}); "
-                                 f"use a prefix\nknown fields: {', '.join(known)}")
+                problem = f"unknown option --{field}" if not owners else f"--{field} is ambiguous ({owners}); use a prefix"
+                raise SystemExit(f"{problem}\nknown fields: {', '.join(known)}")
             section = owners[0]
-        cls = sections.get(section, TrainConfig)
+        elif section not in sections:
+            raise SystemExit(f"unknown option --{name}\nknown fields: {', '.join(known)}")
         try:
-            changes[section][field] = parse_value(cls, field, text)
+            changes[section][field] = parse_value(sections.get(section, type(config)), field, text)
         except ValueError as e:
             raise SystemExit(f"--{name}: {e}") from None
-    return config.with_(unet=config.unet.with_(**changes["unet"]), schedule=config.schedule.with_(**changes["schedule"]),
-                        **changes[""])
+    nested = {name: dataclasses.replace(getattr(config, name), **changes[name]) for name in sections if changes[name]}
+    return dataclasses.replace(config, **nested, **changes[""])
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
@@ -54,11 +58,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
 
     config = PRESETS[args.preset]()
     direct = {k: v for k, v in dict(steps=args.steps, max_minutes=args.max_minutes, dataset=args.dataset,
-                                     data_dir=args.data_dir).items() if v is not None}
+                                     data_dir=args.data_dir, vae=args.vae).items() if v is not None}
     if args.class_conditional:
         direct["class_conditional"] = True
     config = override_config(config.with_(**direct), extra)
-    if config.steps is None and config.max_minutes is None:
+    if config.loop.steps is None and config.loop.max_minutes is None:
         raise SystemExit("give a budget: --steps N and/or --max-minutes M")
     if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
         raise SystemExit(f"--resume: no checkpoint.pt in {args.out}")
@@ -69,12 +73,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
 
 def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
     from .images import save_gif, save_grid, save_strip
-    from .pipeline import PixelDiffusion
+    from .pipeline import DiffusionPipeline
 
     if extra:
         raise SystemExit(f"unknown options for sample: {' '.join(extra)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = PixelDiffusion.from_run(args.run, ema=not args.raw_weights, device=device)
+    model = DiffusionPipeline.from_run(args.run, ema=not args.raw_weights, device=device)
     options = dict(sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=args.class_label,
                    guidance=args.guidance)
     if args.sampler == "ddim":
@@ -86,8 +90,8 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
             from tqdm.auto import tqdm
 
             for record in tqdm(model.loop(args.n, **options), total=args.steps, desc="sample"):
-                records.append((record.t, record.x_t[:8].cpu(), record.x0_pred[:8].cpu()))
-            samples = record.x_prev
+                records.append((record.t, model.decode(record.x_t[:8]).cpu(), model.decode(record.x0_pred[:8]).cpu()))
+            samples = model.decode(record.x_prev)
         keep = np.unique(np.linspace(0, len(records) - 1, min(10, len(records))).round().astype(int))
         first = [torch.stack([records[i][1][0] for i in keep]), torch.stack([records[i][2][0] for i in keep])]
         strip = save_strip(first, out.with_name(out.stem + "_trajectory.png"), scale=3)
@@ -101,6 +105,43 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
     if args.npy:
         np.save(args.npy, ((samples.float().cpu().clamp(-1, 1) + 1) / 2).numpy())
         print(f"wrote {args.npy} ({args.n}×{samples.shape[1]}×{samples.shape[2]}×{samples.shape[3]} float32 in [0, 1])")
+
+
+def cmd_train_vae(args: argparse.Namespace, extra: list[str]) -> None:
+    from .train_vae import VAE_PRESETS, train_vae
+
+    config = VAE_PRESETS[args.preset]()
+    direct = {k: v for k, v in dict(steps=args.steps, max_minutes=args.max_minutes, dataset=args.dataset,
+                                     data_dir=args.data_dir).items() if v is not None}
+    config = override_config(config.with_(**direct), extra)
+    if config.loop.steps is None and config.loop.max_minutes is None:
+        raise SystemExit("give a budget: --steps N and/or --max-minutes M")
+    if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
+        raise SystemExit(f"--resume: no checkpoint.pt in {args.out}")
+    trainer = train_vae(config, args.out, resume=args.resume, device=args.device)
+    if trainer.rank == 0:
+        metrics = (Path(args.out) / "metrics.json").read_text()
+        print(f"trained VAE to step {trainer.step}; run directory {args.out}\n{metrics}")
+
+
+def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> None:
+    from .metrics import evaluate_digits, load_samples_npy
+    from .pipeline import DiffusionPipeline
+
+    if extra:
+        raise SystemExit(f"unknown options for evaluate: {' '.join(extra)}")
+    source = Path(args.source)
+    labels = None
+    if source.suffix == ".npy":
+        samples = load_samples_npy(source)
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = DiffusionPipeline.from_run(source, device=device)
+        num_classes = model.config.unet.num_classes
+        labels = torch.arange(args.n) % num_classes if num_classes else None  # every class equally often
+        samples = model(args.n, sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed,
+                        class_label=labels, guidance=args.guidance).cpu()
+    print(evaluate_digits(samples, labels).summary())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="where datasets are cached / placed by hand")
     t.add_argument("--class-conditional", action="store_true", help="condition on labels (with label dropout for CFG)")
     t.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    t.add_argument("--vae", help="a `ldm train-vae` run directory: train on its latents (latent diffusion)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     t.set_defaults(func=cmd_train)
+
+    from .train_vae import VAE_PRESETS
+
+    v = sub.add_parser("train-vae", help="train the autoencoder for latent diffusion",
+                       epilog="Any config field can be set as --field value (e.g. --kl-weight 1e-5, --vae.channels 64, "
+                              "--disc-start 2000, --reconstruction l2).")
+    v.add_argument("--preset", choices=sorted(VAE_PRESETS), default="mnist")
+    v.add_argument("--out", required=True)
+    v.add_argument("--steps", type=int)
+    v.add_argument("--max-minutes", type=float)
+    v.add_argument("--dataset")
+    v.add_argument("--data-dir")
+    v.add_argument("--resume", action="store_true")
+    v.add_argument("--device")
+    v.set_defaults(func=cmd_train_vae)
 
     s = sub.add_parser("sample", help="sample from a trained run")
     s.add_argument("run", help="run directory or checkpoint file")
@@ -138,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=int, default=2, help="enlarge the grid image by this factor")
     s.add_argument("--device")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="score MNIST samples with a digit classifier trained on real MNIST",
+                       epilog="Reports the share of confidently classified samples, the class spread, a Fréchet "
+                              "distance on the classifier's features and, for class-conditional runs, label accuracy.")
+    e.add_argument("source", help="run directory / checkpoint (samples are drawn) or a samples .npy in [0, 1]")
+    e.add_argument("--n", type=int, default=1000)
+    e.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--guidance", type=float, default=1.0)
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SelfAttentionBlock
+from .attention import SelfAttentionBlock, SpatialTransformer
 from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, zero_init
 
 
@@ -40,6 +40,10 @@ class UNetConfig:
     norm_eps: float = 1e-5
     scale_shift: bool = False  # adaptive GroupNorm in ResBlocks
     num_classes: int | None = None  # class-conditional; label num_classes is the null label for CFG
+    context_dim: int | None = None  # cross-attention transformer blocks (SpatialTransformer) instead of self-attention
+    transformer_depth: int = 1
+    linear_projection: bool = False  # linear proj_in/out in transformer blocks (SD 2, SDXL) instead of 1×1 convs
+    label_context: bool = False  # class labels enter as a learned one-token context, not via the time embedding
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     asymmetric_downsample: bool = False
@@ -47,6 +51,8 @@ class UNetConfig:
     def __post_init__(self):
         if len(self.attention) != len(self.channel_mult):
             raise ValueError(f"attention has {len(self.attention)} entries, channel_mult {len(self.channel_mult)}: need one per level")
+        if self.label_context and not (self.context_dim and self.num_classes):
+            raise ValueError("label_context needs context_dim and num_classes")
         for mult in self.channel_mult:
             if (self.channels * mult) % self.norm_groups:
                 raise ValueError(f"width {self.channels * mult} is not divisible by norm_groups={self.norm_groups}")
@@ -68,6 +74,15 @@ class UNetConfig:
         )
 
     @classmethod
+    def mnist_latent(cls) -> "UNetConfig":
+        """For 2×8×8 MNIST latents; class labels reach it through cross-attention (a one-token context)."""
+        return cls(
+            in_channels=2, out_channels=2, sample_size=8, channels=64, channel_mult=(1, 2), num_res_blocks=2,
+            attention=(False, True), mid_attention=True, head_dim=32, norm_groups=16, scale_shift=True,
+            context_dim=64, label_context=True, num_classes=10,
+        )
+
+    @classmethod
     def ddpm_cifar10(cls) -> "UNetConfig":
         """The DDPM paper's CIFAR-10 model (35.7M parameters)  [Ho et al. 2020, App. B]."""
         return cls(
@@ -78,18 +93,26 @@ class UNetConfig:
 
 
 class UNetStage(nn.ModuleList):
-    """A few layers run in sequence; each gets the inputs it takes (ResBlocks the embedding)."""
+    """A few layers run in sequence; each gets the inputs it takes (ResBlocks the embedding,
+    transformer blocks the context)."""
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context, mask)
+            else:
+                h = layer(h)
         return h
 
 
 class UNet(nn.Module):
-    """Predicts ε (or x₀, or v) from x_t and t; optionally conditioned on a class label.
+    """Predicts ε (or x₀, or v) from x_t and t; optionally conditioned on a class label or a context sequence.
 
-    Shapes: x (B, in_channels, H, W), t (B,) or scalar, cond (B,) int64 labels or None
+    Shapes: x (B, in_channels, H, W), t (B,) or scalar, cond: (B,) int64 labels for class-conditional
+    models, (B, S, context_dim) for cross-attention models, or None; mask (B, S) bool, True = attend
     → (B, out_channels, H, W).
     """
 
@@ -98,15 +121,19 @@ class UNet(nn.Module):
         self.config = c = config
         emb_dim = 4 * c.channels
         self.time_embedding = TimestepEmbedding(c.channels, emb_dim, c.flip_sin_to_cos, c.freq_shift)
-        self.class_embedding = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.class_embedding = nn.Embedding(c.num_classes + 1, c.context_dim if c.label_context else emb_dim) \
+            if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout=c.dropout, groups=c.norm_groups, eps=c.norm_eps, scale_shift=c.scale_shift)
 
-        def attn(ch: int) -> SelfAttentionBlock:
+        def attn(ch: int) -> nn.Module:
             head_dim = c.head_dim or ch // c.num_heads
-            return SelfAttentionBlock(ch, head_dim, groups=c.norm_groups, eps=c.norm_eps)
+            if c.context_dim is None:
+                return SelfAttentionBlock(ch, head_dim, groups=c.norm_groups, eps=c.norm_eps)
+            return SpatialTransformer(ch, ch // head_dim, head_dim, c.context_dim, depth=c.transformer_depth,
+                                      groups=c.norm_groups, linear_projection=c.linear_projection)
 
         ch = c.channels
         skip_channels = [ch]
@@ -153,31 +180,43 @@ class UNet(nn.Module):
         if H % f or W % f:
             raise ValueError(f"input size {H}×{W} is not divisible by {f} (the UNet downsamples {len(c.channel_mult) - 1} times)")
 
-    def embed(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    def embed(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int, device: torch.device):
+        """The per-sample embedding added in every ResBlock, and the context for cross-attention (or None)."""
+        c = self.config
         t = torch.as_tensor(t, device=device)
         t = t.expand(batch) if t.dim() == 0 else t
         emb = self.time_embedding(t)
+        context = None
         if self.class_embedding is not None:
-            n = self.config.num_classes
+            n = c.num_classes
             labels = torch.full((batch,), n, device=device) if cond is None else cond.to(device)
             if labels.dtype.is_floating_point or labels.shape != (batch,):
                 raise ValueError(f"cond must be int64 class labels of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}")
             if labels.min() < 0 or labels.max() > n:
                 raise ValueError(f"class label out of range [0, {n}] ({n} = null label): got {labels.tolist()}")
-            emb = emb + self.class_embedding(labels)
+            if c.label_context:
+                context = self.class_embedding(labels)[:, None, :]  # (B, 1, context_dim)
+            else:
+                emb = emb + self.class_embedding(labels)
+        elif c.context_dim is not None:
+            if cond is None or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != c.context_dim:
+                got = None if cond is None else tuple(cond.shape)
+                raise ValueError(f"this UNet cross-attends to a context of shape ({batch}, S, {c.context_dim}); got {got}")
+            context = cond
         elif cond is not None:
-            raise ValueError("this UNet is unconditional (num_classes=None) but a cond was passed")
-        return emb
+            raise ValueError("this UNet is unconditional (num_classes=None, context_dim=None) but a cond was passed")
+        return emb, context
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        emb = self.embed(t, cond, x.shape[0], x.device)
+        emb, context = self.embed(t, cond, x.shape[0], x.device)
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb)
+            h = stage(h, emb, context, mask)
             skips.append(h)
-        h = self.mid(h, emb)
+        h = self.mid(h, emb, context, mask)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -20,5 +20,5 @@ def tiny_config() -> TrainConfig:
     unet = UNetConfig(in_channels=1, out_channels=1, sample_size=28, channels=16, channel_mult=(1, 2),
                       num_res_blocks=1, attention=(False, True), mid_attention=False, head_dim=16, norm_groups=8,
                       dropout=0.1)
-    return TrainConfig(unet=unet, batch_size=16, lr=2e-3, warmup_steps=2, checkpoint_every=1000, sample_every=0,
-                       sample_n=4, sample_steps=3, steps=6)
+    return TrainConfig(unet=unet, sample_n=4, sample_steps=3).with_(
+        batch_size=16, lr=2e-3, warmup_steps=2, checkpoint_every=1000, sample_every=0, steps=6)

@@ -58,3 +58,18 @@ def test_errors_are_clear(run_dir, tmp_path, capsys):
         main(["train", "--out", str(tmp_path / "r"), "--steps", "1", "--schedule.kind", "quadratic"])
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path / "r")])
+
+
+def test_evaluate_scores_a_run_and_an_npy(run_dir, tmp_path, monkeypatch, capsys):
+    import ldm.metrics
+
+    classifier, _ = ldm.metrics.train_classifier(steps=30, progress=False)
+    monkeypatch.setattr(ldm.metrics, "load_classifier", lambda *a, **k: classifier)
+    main(["evaluate", str(run_dir), "--n", "20", "--steps", "3"])
+    out = capsys.readouterr().out
+    assert "Fréchet distance" in out and "label accuracy" in out  # the run is class-conditional
+    npy = tmp_path / "s.npy"
+    np.save(npy, np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32))
+    main(["evaluate", str(npy)])
+    out = capsys.readouterr().out
+    assert "confident" in out and "label accuracy" not in out

@@ -33,7 +33,15 @@ def test_cli_overrides_reach_nested_configs():
     c = override_config(TrainConfig.mnist(), ["--lr", "5e-4", "--unet.channels", "48", "--kind", "linear",
                                               "--mixed-precision", "bf16", "--channel-mult", "1,2",
                                               "--attention", "false,true"])
-    assert c.lr == 5e-4 and c.unet.channels == 48 and c.schedule.kind == "linear"
-    assert c.mixed_precision == "bf16" and c.unet.channel_mult == (1, 2)
+    assert c.loop.lr == 5e-4 and c.unet.channels == 48 and c.schedule.kind == "linear"
+    assert c.loop.mixed_precision == "bf16" and c.unet.channel_mult == (1, 2)
     with pytest.raises(SystemExit, match="unknown option --colour"):
         override_config(TrainConfig.mnist(), ["--colour", "red"])
+    with pytest.raises(SystemExit, match="unknown option --vae.channels"):
+        override_config(TrainConfig.mnist(), ["--vae.channels", "3"])
+
+
+def test_with_routes_loop_fields():
+    c = TrainConfig.mnist().with_(steps=7, lr=0.1, prediction="v")
+    assert c.loop.steps == 7 and c.loop.lr == 0.1 and c.prediction == "v"
+    assert c.loop.batch_size == TrainConfig.mnist().loop.batch_size

@@ -25,7 +25,8 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     data = ImageDataset(data.images[:256].clone(), data.labels[:256].clone(), 10)
     unet = UNetConfig(channels=8, channel_mult=(1, 2), num_res_blocks=1, attention=(False, False), mid_attention=False,
                       norm_groups=4)
-    config = TrainConfig(unet=unet, batch_size=16, steps=4, warmup_steps=1, sample_every=0, sample_n=0, checkpoint_every=100)
+    config = TrainConfig(unet=unet, sample_n=0).with_(batch_size=16, steps=4, warmup_steps=1, sample_every=0,
+                                                      checkpoint_every=100)
     trainer = Trainer(config, out, dataset=data, progress=False)
     initial = torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach().clone()
     trainer.train()

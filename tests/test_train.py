@@ -7,7 +7,8 @@ import torch
 
 from ldm.checkpoint import CheckpointError, safe_load
 from ldm.losses import diffusion_loss
-from ldm.train import Trainer, TrainingDiverged, epoch_indices
+from ldm.loop import TrainingDiverged, epoch_indices
+from ldm.train import Trainer
 
 
 def states_equal(a: dict, b: dict) -> bool:

@@ -119,3 +119,35 @@ def test_resblock_scale_shift_and_downsample_shapes():
     d = Downsample(4, asymmetric_padding=True)
     assert torch.allclose(d(x), d.conv(F.pad(x, (0, 1, 0, 1))))
     assert d(x).shape == Downsample(4)(x).shape == (1, 4, 4, 4)
+
+
+def test_cross_attention_transformer_shapes_and_masking():
+    from ldm.attention import SpatialTransformer
+
+    torch.manual_seed(0)
+    for linear in (False, True):
+        block = SpatialTransformer(16, heads=2, head_dim=8, context_dim=12, groups=4, linear_projection=linear)
+        torch.nn.init.normal_(block.proj_out.weight, std=0.2)
+        x, context = torch.randn(2, 16, 5, 5), torch.randn(2, 7, 12)
+        out = block(x, context)
+        assert out.shape == x.shape
+        mask = torch.tensor([[True] * 4 + [False] * 3] * 2)
+        changed = context.clone()
+        changed[:, 4:] = torch.randn(2, 3, 12)  # only masked-out tokens change
+        assert torch.allclose(block(x, context, mask), block(x, changed, mask), atol=1e-6)
+        assert not torch.allclose(block(x, context), block(x, changed), atol=1e-4)
+
+
+def test_context_unet_and_label_context():
+    cfg = TINY.with_(context_dim=12)
+    model = randomise(UNet(cfg))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 5])
+    a, b = model(x, t, torch.randn(2, 3, 12)), model(x, t, torch.randn(2, 3, 12))
+    assert a.shape == x.shape and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match=r"context of shape \(2, S, 12\)"):
+        model(x, t, torch.randn(2, 3, 10))
+    labelled = randomise(UNet(cfg.with_(num_classes=4, label_context=True)))
+    assert labelled.class_embedding.weight.shape == (5, 12)  # 4 classes + the null label, in context width
+    assert not torch.allclose(labelled(x, t, torch.tensor([0, 0])), labelled(x, t, torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match="label_context needs"):
+        UNetConfig(label_context=True)

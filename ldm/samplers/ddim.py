@@ -24,6 +24,7 @@ def ddim(
     cond: torch.Tensor | None = None,
     clip_x0: bool = False,
     generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
 ) -> SamplerLoop:
     """The DDIM update from timestep t to the next visited timestep s  [Song et al. 2021, Eq. 12, 16]:
 
@@ -34,11 +35,13 @@ def ddim(
     x/√ᾱ and √((1−ᾱ)/ᾱ)); η = 1 makes σ_t² the posterior variance β̃, so η = 1 over all
     T steps is DDPM ancestral sampling. ``final_alpha_bar`` is ᾱ after the last step
     (1 by default; diffusers' ``set_alpha_to_one=False`` means ᾱ_0). No noise on the last
-    step. Yields one ``StepRecord`` per step. Shapes: x_T (B, C, H, W).
+    step. ``timesteps`` overrides the visited steps (img2img starts part-way). Yields one
+    ``StepRecord`` per step. Shapes: x_T (B, C, H, W).
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    timesteps = schedule.timesteps(num_inference_steps, spacing, steps_offset)
+    if timesteps is None:
+        timesteps = schedule.timesteps(num_inference_steps, spacing, steps_offset)
     ab, ab_next = alpha_bars(schedule, timesteps, final_alpha_bar)
     x = x_T
     for i, t in enumerate(timesteps.tolist()):

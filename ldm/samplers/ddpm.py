@@ -24,6 +24,7 @@ def ddpm(
     cond: torch.Tensor | None = None,
     clip_x0: bool = True,
     generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
 ) -> SamplerLoop:
     """Ancestral sampling: x_s ~ p(x_s | x_t) = q(x_s | x_t, x̂_0) with x̂_0 from the model.
 
@@ -34,12 +35,14 @@ def ddpm(
       3. x_s = μ + σ_t z,  z ~ N(0, I), σ_t² = β̃_{t|s} ("fixed_small") or β_{t|s} ("fixed_large");
          no noise on the last step.
     With fewer than T steps this is the "respaced" DDPM of Nichol & Dhariwal 2021, §4:
-    β_{t|s} = 1 − ᾱ_t/ᾱ_s. Yields one ``StepRecord`` per step.
+    β_{t|s} = 1 − ᾱ_t/ᾱ_s. ``timesteps`` overrides the visited steps (img2img starts part-way).
+    Yields one ``StepRecord`` per step.
     Shapes: x_T (B, C, H, W).
     """
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"unknown variance {variance!r}; known: fixed_small, fixed_large")
-    timesteps = schedule.timesteps(num_inference_steps or schedule.num_train_timesteps, spacing)
+    if timesteps is None:
+        timesteps = schedule.timesteps(num_inference_steps or schedule.num_train_timesteps, spacing)
     ab, ab_next = alpha_bars(schedule, timesteps)
     x = x_T
     for i, t in enumerate(timesteps.tolist()):

@@ -1,0 +1,97 @@
+"""Latent diffusion's data side: a trained VAE, and a dataset of cached latents to train a UNet on.
+
+Diffusion runs on z = s · E(x), with s the VAE's scaling factor, and images come back as
+x = D(z / s)  [Rombach et al. 2022, §3.3]. Encoding every image once and keeping the posterior
+(μ, σ) makes an epoch over latents as cheap as reading them; each batch still draws a fresh
+z ~ N(μ, σ²), as encoding on the fly would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_weights, safe_load
+from .config import from_dict, load_json
+from .data import ImageDataset
+from .loop import CHECKPOINT, CONFIG
+from .vae import AutoencoderKL, VAEConfig
+
+
+def load_vae(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, int]:
+    """Load a ``ldm train-vae`` run (directory or checkpoint file): (VAE in eval mode, image size it was trained at)."""
+    from .train_vae import VAETrainConfig
+
+    path = Path(path)
+    file = path / CHECKPOINT if path.is_dir() else path
+    state = safe_load(file)
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{file} is not an ldm checkpoint (no 'config' entry)")
+    config = load_json(VAETrainConfig, path / CONFIG) if path.is_dir() and (path / CONFIG).exists() \
+        else from_dict(VAETrainConfig, state["config"])
+    if "vae" not in state["config"]:
+        raise CheckpointError(f"{file} is not a VAE run (train one with `ldm train-vae`)")
+    vae = AutoencoderKL(config.vae)
+    load_weights(vae, state["ema"]["model"] if ema else state["model"], source=f"{file} (VAE)")
+    return vae.to(device).eval().requires_grad_(False), config.image_size
+
+
+@dataclass
+class LatentDataset:
+    """Cached posteriors of a dataset's images; ``batch`` returns scaled latent samples.
+
+    Same interface as ``ImageDataset`` (``batch``, ``len``, ``image_size``, ``channels``,
+    ``num_classes``), so the trainer does not care which one it holds.
+    """
+
+    mean: torch.Tensor  # (N, z, h, w)
+    std: torch.Tensor  # (N, z, h, w)
+    labels: torch.Tensor | None
+    num_classes: int | None
+    scaling_factor: float
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    @property
+    def image_size(self) -> int:
+        return self.mean.shape[-1]
+
+    @property
+    def channels(self) -> int:
+        return self.mean.shape[1]
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None):
+        """s · (μ + σ ε) for the chosen images, and their labels."""
+        mean, std = self.mean[indices], self.std[indices]
+        eps = torch.randn(mean.shape, generator=generator)
+        labels = self.labels[indices] if self.labels is not None else None
+        return self.scaling_factor * (mean + std * eps), labels
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, data: ImageDataset, *, device: str | torch.device = "cpu",
+                   batch_size: int = 256) -> LatentDataset:
+    """Encode every image once (no flips: augmentation would have to happen before encoding)."""
+    means, stds = [], []
+    for start in range(0, len(data), batch_size):
+        x, _ = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        posterior = vae.encode(x.to(device))
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return LatentDataset(torch.cat(means), torch.cat(stds), data.labels, data.num_classes,
+                         vae.config.scaling_factor, name=f"{data.name} latents")
+
+
+def check_vae_matches(expected: VAEConfig | None, vae: AutoencoderKL, source: str) -> None:
+    """A latent UNet only makes sense with the VAE whose latents it learned: same shape and same scale."""
+    if expected is None:
+        return
+    got = vae.config
+    for name in ("latent_channels", "downsample_factor", "scaling_factor"):
+        if getattr(got, name) != getattr(expected, name):
+            raise ValueError(f"{source}: the latent model was trained with a VAE of {name} {getattr(expected, name)}, "
+                             f"this VAE has {getattr(got, name)}")

@@ -1,0 +1,264 @@
+"""The training loop every model shares: budgets, optimizer steps, EMA, checkpoints, resume, DDP.
+
+A subclass builds its model and says what one step's loss is (``loss``) and what its
+samples look like (``save_samples``); this class does the rest. Run state (weights, EMA,
+optimizer, step, RNG) is one checkpoint per run directory, written atomically, so
+``resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, atomic_save, load_weights, safe_load
+from .config import from_dict, save_json, to_dict
+from .data import ImageDataset
+from .ema import EMA
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How to train, whatever the model: optimizer, budgets, precision, checkpoints."""
+
+    batch_size: int = 64  # global: split across processes
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 keeps the EMA equal to the raw weights
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    channels_last: bool = False
+    steps: int | None = None  # total optimizer steps, counting resumed ones
+    max_minutes: float | None = None  # wall-clock budget of one invocation
+    checkpoint_every: int = 500
+    sample_every: int = 1000  # 0: only at the end
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}")
+
+
+def with_fields(config: Any, **changes) -> Any:
+    """``dataclasses.replace`` that sends fields of the nested ``loop`` config there, so
+    ``config.with_(steps=10, lr=1e-3)`` works on any config that has a ``loop``."""
+    loop_names = {f.name for f in dataclasses.fields(LoopConfig)}
+    own = {k: v for k, v in changes.items() if k not in loop_names or k == "loop"}
+    loop = {k: v for k, v in changes.items() if k in loop_names}
+    if loop:
+        own["loop"] = replace(own.get("loop", config.loop), **loop)
+    return replace(config, **own)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint on disk is from before it."""
+
+
+def epoch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
+    """The global batch of dataset indices for ``step``: a fresh seeded permutation every epoch,
+    a function of the step alone, so a resumed run sees exactly the batches it would have."""
+    steps_per_epoch = n // batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch} is larger than the dataset ({n} images)")
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[k * batch : (k + 1) * batch]
+
+
+class TrainLoop:
+    """Shared machinery for a config with a ``loop: LoopConfig`` field; ``model_fields`` names the
+    config fields a resumed run must not change."""
+
+    model_fields: tuple[str, ...] = ()
+
+    def __init__(self, config: Any, out_dir: str | Path, data: ImageDataset, *, device: str | None = None,
+                 progress: bool = True):
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if config.loop.batch_size % self.world:
+            raise ValueError(f"batch_size {config.loop.batch_size} is not divisible by {self.world} processes")
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.config, self.data = config, data
+        self.out_dir = Path(out_dir)
+        self.progress = progress and self.rank == 0
+        # Timesteps, noise, flips and label dropout; the global RNG (dropout) is saved separately.
+        self.generator = torch.Generator().manual_seed(config.loop.seed * 1000 + self.rank)
+        self.step = 0
+        self.losses: list[float] = []
+        torch.manual_seed(config.loop.seed)
+
+    def setup_model(self, model: nn.Module) -> None:
+        """Call once from the subclass with its trainable model: optimizer, EMA, DDP wrapper."""
+        c = self.config.loop
+        self.model = model.to(self.device)
+        if c.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.model, c.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=c.mixed_precision == "fp16" and self.device.type == "cuda")
+        self.ddp_model = (torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None) if self.distributed else self.model)
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": to_dict(self.config),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": self.losses,
+        }
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_json(self.config, self.out_dir / CONFIG)
+        atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Restore everything from ``path`` (default: this run's checkpoint) to continue exactly."""
+        state = safe_load(Path(path) if path else self.out_dir / CHECKPOINT)
+        saved = from_dict(type(self.config), state["config"])
+        ours, theirs = self.model_signature(self.config), self.model_signature(saved)
+        changed = [name for name in ours if ours[name] != theirs[name]]
+        if changed:
+            details = "\n".join(f"  {name}: saved {theirs[name]}\n  {' ' * len(name)}  now   {ours[name]}" for name in changed)
+            raise CheckpointError(f"checkpoint was trained with another model config:\n{details}")
+        self.load_state_dict(state)
+
+    def model_signature(self, config: Any) -> dict[str, Any]:
+        """The parts of a config that fix the model's shape and meaning; a resume must not change them."""
+        return {name: getattr(config, name) for name in self.model_fields}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_weights(self.model, state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.losses = state["step"], list(state["losses"])
+
+    # --- one step ------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to ``lr``, then constant (budgets are in minutes, so no fixed end to decay to)."""
+        return self.config.loop.lr * min(1.0, (step + 1) / max(1, self.config.loop.warmup_steps))
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This process's share of the step's batch: (x in [−1, 1] on device, labels or None)."""
+        c = self.config.loop
+        idx = epoch_indices(len(self.data), c.batch_size, self.step, c.seed)
+        x, labels = self.data.batch(idx[self.rank :: self.world], self.generator)
+        x = x.to(self.device)
+        if c.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, (labels.to(self.device) if labels is not None else None)
+
+    def autocast(self):
+        mp = self.config.loop.mixed_precision
+        if mp == "no":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+
+    def loss(self) -> torch.Tensor:
+        """The scalar loss of one step (runs under autocast); subclasses define it."""
+        raise NotImplementedError
+
+    def train_step(self) -> float:
+        self.ddp_model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with self.autocast():
+            loss = self.loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        value = loss.detach().float()
+        if self.distributed:  # every process logs (and NaN-checks) the same global mean
+            dist.all_reduce(value)
+            value = value / self.world
+        value = value.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss is {value} at step {self.step}; the last checkpoint in {self.out_dir} "
+                                   "is from before it (try a lower lr or mixed_precision=no)")
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.loop.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.update(self.model)
+        self.step += 1
+        self.losses.append(value)
+        return value
+
+    # --- the loop ------------------------------------------------------------------------
+    def train(self) -> Path:
+        """Train until ``steps`` (total, counting resumed ones) or ``max_minutes`` (this call) run out.
+
+        Ctrl-C or SIGTERM stop after the current step with a checkpoint written. Returns the run dir.
+        """
+        c = self.config.loop
+        if c.steps is None and c.max_minutes is None:
+            raise ValueError("set a budget: steps and/or max_minutes")
+        deadline = time.monotonic() + 60 * c.max_minutes if c.max_minutes is not None else math.inf
+        stop = {"signal": None}
+        restore = self._install_signal_handlers(stop)
+        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        try:
+            while (c.steps is None or self.step < c.steps) and time.monotonic() < deadline and stop["signal"] is None:
+                loss = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_at(self.step):.1e}")
+                if self.step % c.checkpoint_every == 0:
+                    self.save()
+                if c.sample_every and self.step % c.sample_every == 0 and self.rank == 0:
+                    self.save_samples(self.out_dir / "samples" / f"step_{self.step:07d}.png")
+        except KeyboardInterrupt:
+            stop["signal"] = "KeyboardInterrupt"
+        finally:
+            bar.close()
+            restore()
+        self.save()
+        if stop["signal"] is None:
+            if self.rank == 0:
+                self.save_samples(self.out_dir / "samples.png")
+        elif self.rank == 0:
+            print(f"stopped by {stop['signal']} at step {self.step}; checkpoint saved in {self.out_dir}")
+        return self.out_dir
+
+    def save_samples(self, path: Path) -> None:
+        """Write a picture of what the model does now (rank 0 only)."""
+        raise NotImplementedError
+
+    def _install_signal_handlers(self, stop: dict):
+        if self.distributed or not hasattr(signal, "SIGTERM"):
+            return lambda: None
+        try:
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
+        except ValueError:  # not the main thread
+            return lambda: None
+        return lambda: signal.signal(signal.SIGTERM, previous)
