@@ -20,9 +20,11 @@ from ldm.train import TrainConfig, Trainer
 from ldm.unet import UNetConfig
 
 BASE = UNetConfig.mnist()
+# UNet changes to the mnist preset (16 channels, mult 1,2,2, attention at 7×7, fp32 here unless a
+# training variant below says otherwise).
 VARIANTS = {
     "preset": {},
-    "ch16": dict(channels=16, norm_groups=8),
+    "ch32": dict(channels=32),
     "ch48": dict(channels=48, norm_groups=16),
     "ch64": dict(channels=64, norm_groups=16),
     "2 res blocks": dict(num_res_blocks=2),
@@ -62,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     data = load_dataset("mnist-bundled")
-    base = TrainConfig.mnist()
+    base = TrainConfig.mnist().with_(mixed_precision="no")
     configs = {name: base.with_(unet=BASE.with_(**ch)) for name, ch in VARIANTS.items()}
     configs.update({name: base.with_(**ch) for name, ch in TRAIN_VARIANTS.items()})
     results = {}

@@ -1,1 +1,20 @@
-"""ldm: readable denoising diffusion and latent diffusion in PyTorch."""
+"""ldm: readable denoising diffusion and latent diffusion in PyTorch.
+
+The pieces most people start from; each lives in the module named after it.
+"""
+
+from .diffusion import q_posterior, q_sample
+from .losses import diffusion_loss
+from .pipeline import DiffusionPipeline
+from .samplers import classifier_free_guidance, ddim, ddpm, sample
+from .schedule import NoiseSchedule, ScheduleConfig
+from .train import TrainConfig, Trainer, train
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+__version__ = "0.1.0"
+__all__ = [
+    "AutoencoderKL", "DiffusionPipeline", "NoiseSchedule", "ScheduleConfig", "TrainConfig", "Trainer", "UNet",
+    "UNetConfig", "VAEConfig", "classifier_free_guidance", "ddim", "ddpm", "diffusion_loss", "q_posterior",
+    "q_sample", "sample", "train",
+]

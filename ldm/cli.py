@@ -79,7 +79,11 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
         raise SystemExit(f"unknown options for sample: {' '.join(extra)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = DiffusionPipeline.from_run(args.run, ema=not args.raw_weights, device=device)
-    options = dict(sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=args.class_label,
+    class_label, num_classes = args.class_label, model.config.unet.num_classes
+    if class_label is None and num_classes:  # a class-conditional model: one column per class
+        class_label = torch.arange(args.n) % num_classes
+        args.nrow = args.nrow or num_classes
+    options = dict(sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=class_label,
                    guidance=args.guidance)
     if args.sampler == "ddim":
         options["eta"] = args.eta
@@ -141,6 +145,8 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> None:
         labels = torch.arange(args.n) % num_classes if num_classes else None  # every class equally often
         samples = model(args.n, sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed,
                         class_label=labels, guidance=args.guidance).cpu()
+    if samples.shape[-2:] != (28, 28):  # e.g. the latent recipe's 32×32 digits: the classifier reads 28×28
+        samples = torch.nn.functional.interpolate(samples.float(), size=(28, 28), mode="bilinear", antialias=True)
     print(evaluate_digits(samples, labels).summary())
 
 
@@ -185,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--class", dest="class_label", type=int, help="class label for a class-conditional model")
+    s.add_argument("--class", dest="class_label", type=int,
+                   help="class label for a class-conditional model (default: every class in turn, a column each)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--npy", help="also save samples as an N×C×H×W float32 array in [0, 1]")

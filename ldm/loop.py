@@ -42,7 +42,7 @@ class LoopConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 keeps the EMA equal to the raw weights
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where the hardware has it
     channels_last: bool = False
     steps: int | None = None  # total optimizer steps, counting resumed ones
     max_minutes: float | None = None  # wall-clock budget of one invocation
@@ -51,8 +51,21 @@ class LoopConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
+            raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto; got {self.mixed_precision!r}")
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """"auto" → bf16 on CPUs with native bf16 (AVX512-BF16/AMX; elsewhere bf16 autocast is slower than
+    fp32), bf16 or else fp16 on CUDA; anything else unchanged."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    except (AttributeError, RuntimeError):
+        return "no"
 
 
 def with_fields(config: Any, **changes) -> Any:
@@ -100,6 +113,7 @@ class TrainLoop:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.config, self.data = config, data
+        self.precision = resolve_precision(config.loop.mixed_precision, self.device)
         self.out_dir = Path(out_dir)
         self.progress = progress and self.rank == 0
         # Timesteps, noise, flips and label dropout; the global RNG (dropout) is saved separately.
@@ -116,7 +130,7 @@ class TrainLoop:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, c.ema_decay)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=c.mixed_precision == "fp16" and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
         self.ddp_model = (torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device] if self.device.type == "cuda" else None) if self.distributed else self.model)
 
@@ -181,7 +195,7 @@ class TrainLoop:
         return x, (labels.to(self.device) if labels is not None else None)
 
     def autocast(self):
-        mp = self.config.loop.mixed_precision
+        mp = self.precision
         if mp == "no":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)

@@ -1,4 +1,4 @@
-"""Training a pixel-space diffusion model: the configuration, its presets, and the step.
+"""Training a diffusion model, on pixels or on a VAE's latents: the configuration, its presets, and the step.
 
 One step: draw a batch x_0, t ~ U{0..T−1}, ε ~ N(0, I); minimise L_simple (``ldm.losses``)
 with AdamW; update the EMA weights. The loop around it (budgets, checkpoints, exact resume,
@@ -53,22 +53,21 @@ class TrainConfig:
     def mnist(cls) -> "TrainConfig":
         """The 20-minute CPU recipe for 28×28 digits (see README for how its numbers were chosen)."""
         return cls(unet=UNetConfig.mnist(), schedule=ScheduleConfig.cosine(),
-                   loop=LoopConfig(batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999))
+                   loop=LoopConfig(batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, mixed_precision="auto"))
 
     @classmethod
     def cifar10(cls) -> "TrainConfig":
         """The DDPM paper's CIFAR-10 setup  [Ho et al. 2020, App. B] (a GPU job: days on a CPU)."""
         return cls(unet=UNetConfig.ddpm_cifar10(), schedule=ScheduleConfig.ddpm(), dataset="cifar10",
                    loop=LoopConfig(batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
-                                   sample_every=10000, checkpoint_every=5000))
-
+                                   sample_every=10000, checkpoint_every=5000, mixed_precision="auto"))
 
     @classmethod
     def mnist_latent(cls) -> "TrainConfig":
         """Class-conditional latent diffusion on 2×8×8 MNIST latents (pair with `train-vae --preset mnist`)."""
         return cls(unet=UNetConfig.mnist_latent(), schedule=ScheduleConfig.cosine(), clip_sample=False,
                    class_conditional=True, sample_n=40,
-                   loop=LoopConfig(batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999))
+                   loop=LoopConfig(batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999, mixed_precision="auto"))
 
 
 PRESETS = {"mnist": TrainConfig.mnist, "cifar10": TrainConfig.cifar10, "mnist-latent": TrainConfig.mnist_latent}

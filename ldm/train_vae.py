@@ -52,8 +52,9 @@ class VAETrainConfig:
     @classmethod
     def mnist(cls) -> "VAETrainConfig":
         """32×32 digits → 2×8×8 latents."""
-        return cls(vae=VAEConfig.mnist(), image_size=32,
-                   loop=LoopConfig(batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, sample_every=500))
+        return cls(vae=VAEConfig.mnist(), image_size=32, kl_weight=1e-3,
+                   loop=LoopConfig(batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, sample_every=500,
+                                   mixed_precision="auto"))
 
     @classmethod
     def cifar10(cls) -> "VAETrainConfig":

@@ -68,7 +68,7 @@ class UNetConfig:
     def mnist(cls) -> "UNetConfig":
         """Small model for 28×28 grayscale digits (see README "MNIST recipe" for how it was chosen)."""
         return cls(
-            in_channels=1, out_channels=1, sample_size=28, channels=32, channel_mult=(1, 2, 2),
+            in_channels=1, out_channels=1, sample_size=28, channels=16, channel_mult=(1, 2, 2),
             num_res_blocks=1, attention=(False, False, True), mid_attention=True, head_dim=32,
             norm_groups=8, scale_shift=True,
         )

@@ -46,7 +46,7 @@ class VAEConfig:
 
     @classmethod
     def mnist(cls) -> "VAEConfig":
-        """28×28 digits → 2×7×7 latents (4× downsampling); scaling_factor is set from data after training."""
+        """32×32 digits → 2×8×8 latents (4× downsampling); scaling_factor is set from data after training."""
         return cls(in_channels=1, out_channels=1, latent_channels=2, channels=32, channel_mult=(1, 2, 2),
                    num_res_blocks=1, norm_groups=8, scaling_factor=1.0)
 

@@ -73,3 +73,17 @@ def test_evaluate_scores_a_run_and_an_npy(run_dir, tmp_path, monkeypatch, capsys
     main(["evaluate", str(npy)])
     out = capsys.readouterr().out
     assert "confident" in out and "label accuracy" not in out
+
+
+def test_latent_recipe_commands(tmp_path):
+    vae_dir, run = tmp_path / "vae", tmp_path / "latent"
+    main(["train-vae", "--preset", "mnist", "--out", str(vae_dir), "--steps", "2", "--vae.channels", "16",
+          "--vae.norm-groups", "8", "--batch-size", "16", "--sample-every", "0"])
+    assert {"checkpoint.pt", "config.json", "metrics.json", "samples.png"} <= {p.name for p in vae_dir.iterdir()}
+    main(["train", "--preset", "mnist-latent", "--vae", str(vae_dir), "--out", str(run), "--steps", "2",
+          "--unet.channels", "16", "--norm-groups", "8", "--context-dim", "16", "--batch-size", "16",
+          "--sample-n", "4", "--sample-steps", "2", "--sample-every", "0"])
+    out = tmp_path / "g.png"
+    main(["sample", str(run), "--n", "4", "--steps", "3", "--class", "5", "--guidance", "2", "--trajectory", "--out", str(out)])
+    assert Image.open(tmp_path / "g_trajectory.gif").n_frames == 3
+    assert Image.open(out).size == (2 * (2 + 2 * 34), 2 * (2 + 2 * 34))  # 2×2 grid of 32×32 decoded digits, scale 2

@@ -50,27 +50,41 @@ def test_posterior_sampling_is_seeded_and_logvar_clamped():
     assert torch.equal(post.mode(), post.mean)
 
 
-@pytest.mark.reference
-def test_parity_with_diffusers_autoencoder_kl():
+def check_parity_with_diffusers(block_out_channels, layers_per_block, norm_num_groups, size, expected=None):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
+    levels = len(block_out_channels)
     ref = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=norm_num_groups,
     ).eval()
     config = vae_config_from_diffusers(dict(ref.config))
-    assert config == SMALL_SD
+    if expected is not None:
+        assert config == expected
     ours = load_converted(AutoencoderKL(config), ref.state_dict(), vae_rules(config), "diffusers AutoencoderKL").eval()
-    x = torch.randn(2, 3, 32, 32)
+    f = config.downsample_factor
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref_post = ref.encode(x).latent_dist
         post = ours.encode(x)
-        z = torch.randn(2, 4, 16, 16)
+        z = torch.randn(2, 4, size // f, size // f)
         ref_x, x_hat = ref.decode(z).sample, ours.decode(z)
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     assert rel(post.mean, ref_post.mean) < 1e-4
     assert rel(post.logvar, ref_post.logvar) < 1e-4
     assert rel(x_hat, ref_x) < 1e-4
+
+
+@pytest.mark.reference
+def test_parity_with_diffusers_autoencoder_kl():
+    check_parity_with_diffusers((32, 64), 1, 8, 32, expected=SMALL_SD)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_parity_with_diffusers_at_stable_diffusion_size():
+    check_parity_with_diffusers((128, 256, 512, 512), 2, 32, 64, expected=VAEConfig.sd())
 
 
 def test_unknown_and_missing_keys_are_named():
