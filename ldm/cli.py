@@ -53,19 +53,21 @@ def override_config(config, pairs: list[str]):
     return dataclasses.replace(config, **nested, **changes[""])
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
-    from .train import train
-
-    config = PRESETS[args.preset]()
-    direct = {k: v for k, v in dict(steps=args.steps, max_minutes=args.max_minutes, dataset=args.dataset,
-                                     data_dir=args.data_dir, vae=args.vae).items() if v is not None}
-    if args.class_conditional:
-        direct["class_conditional"] = True
-    config = override_config(config.with_(**direct), extra)
+def run_config(preset, args: argparse.Namespace, extra: list[str], **direct):
+    """A preset with the command's options and ``--field value`` pairs applied; checks budget and resume."""
+    direct.update(steps=args.steps, max_minutes=args.max_minutes, dataset=args.dataset, data_dir=args.data_dir)
+    config = override_config(preset().with_(**{k: v for k, v in direct.items() if v is not None}), extra)
     if config.loop.steps is None and config.loop.max_minutes is None:
         raise SystemExit("give a budget: --steps N and/or --max-minutes M")
     if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
         raise SystemExit(f"--resume: no checkpoint.pt in {args.out}")
+    return config
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    from .train import train
+
+    config = run_config(PRESETS[args.preset], args, extra, vae=args.vae, class_conditional=args.class_conditional or None)
     trainer = train(config, args.out, resume=args.resume, device=args.device)
     if trainer.rank == 0:
         print(f"trained to step {trainer.step}; run directory {args.out} (samples.png, checkpoint.pt, config.json)")
@@ -114,15 +116,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_train_vae(args: argparse.Namespace, extra: list[str]) -> None:
     from .train_vae import VAE_PRESETS, train_vae
 
-    config = VAE_PRESETS[args.preset]()
-    direct = {k: v for k, v in dict(steps=args.steps, max_minutes=args.max_minutes, dataset=args.dataset,
-                                     data_dir=args.data_dir).items() if v is not None}
-    config = override_config(config.with_(**direct), extra)
-    if config.loop.steps is None and config.loop.max_minutes is None:
-        raise SystemExit("give a budget: --steps N and/or --max-minutes M")
-    if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
-        raise SystemExit(f"--resume: no checkpoint.pt in {args.out}")
-    trainer = train_vae(config, args.out, resume=args.resume, device=args.device)
+    trainer = train_vae(run_config(VAE_PRESETS[args.preset], args, extra), args.out, resume=args.resume, device=args.device)
     if trainer.rank == 0:
         metrics = (Path(args.out) / "metrics.json").read_text()
         print(f"trained VAE to step {trainer.step}; run directory {args.out}\n{metrics}")

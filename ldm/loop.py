@@ -230,6 +230,13 @@ class TrainLoop:
         return value
 
     # --- the loop ------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> "TrainLoop":
+        """Resume from this run's checkpoint if asked, then train to the budget."""
+        if resume:
+            self.resume()
+        self.train()
+        return self
+
     def train(self) -> Path:
         """Train until ``steps`` (total, counting resumed ones) or ``max_minutes`` (this call) run out.
 

@@ -135,8 +135,4 @@ class Trainer(TrainLoop):
 def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
           progress: bool = True) -> Trainer:
     """Build a ``Trainer``, optionally resume it from ``out_dir``, and train to the budget."""
-    trainer = Trainer(config, out_dir, device=device, progress=progress)
-    if resume:
-        trainer.resume()
-    trainer.train()
-    return trainer
+    return Trainer(config, out_dir, device=device, progress=progress).fit(resume)

@@ -188,8 +188,5 @@ class VAETrainer(TrainLoop):
 
 def train_vae(config: VAETrainConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
               progress: bool = True) -> VAETrainer:
-    trainer = VAETrainer(config, out_dir, device=device, progress=progress)
-    if resume:
-        trainer.resume()
-    trainer.train()
-    return trainer
+    """Build a ``VAETrainer``, optionally resume it from ``out_dir``, and train to the budget."""
+    return VAETrainer(config, out_dir, device=device, progress=progress).fit(resume)
