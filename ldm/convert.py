@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_weights
+from .unet import UNetConfig
 from .vae import VAEConfig
 
 Replacement = Union[str, Callable[[re.Match], str]]
@@ -97,3 +98,31 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
         mid_attention=cfg.get("mid_block_add_attention", True), norm_groups=cfg.get("norm_num_groups", 32),
         norm_eps=1e-6, scaling_factor=cfg.get("scaling_factor", 0.18215),
     )
+
+
+def unet2d_rules(config: UNetConfig) -> list[Rule]:
+    """Rules from diffusers' ``UNet2DModel`` (the original DDPM models' layout) to ``ldm.unet``.
+
+    diffusers nests stages per level (``down_blocks.i.resnets.j``); ldm keeps one flat list
+    with nrb + 1 stages per level (nrb ResBlock stages, then a Downsample stage, or on the way up
+    nrb + 1 ResBlock stages, the last ending in the Upsample), so indices are recomputed.
+    """
+    per_level = config.num_res_blocks + 1
+    levels = len(config.channel_mult)
+
+    def up_sample_slot(m: re.Match) -> str:
+        level = levels - 1 - int(m[1])
+        return f"up.{int(m[1]) * per_level + config.num_res_blocks}.{2 if config.attention[level] else 1}."
+
+    return [
+        (r"^conv_norm_out\.", "norm_out."),
+        (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"down.{int(m[1]) * per_level + int(m[2])}.0."),
+        (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"down.{int(m[1]) * per_level + int(m[2])}.1."),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"down.{int(m[1]) * per_level + config.num_res_blocks}.0."),
+        (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"up.{int(m[1]) * per_level + int(m[2])}.0."),
+        (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"up.{int(m[1]) * per_level + int(m[2])}.1."),
+        (r"^up_blocks\.(\d+)\.upsamplers\.0\.", up_sample_slot),
+        (r"^mid_block\.resnets\.0\.", "mid.0."),
+        (r"^mid_block\.attentions\.0\.", "mid.1."),
+        (r"^mid_block\.resnets\.1\.", "mid.2." if config.mid_attention else "mid.1."),
+    ] + _resnet_and_attention_rules()

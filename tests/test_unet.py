@@ -151,3 +151,26 @@ def test_context_unet_and_label_context():
     assert not torch.allclose(labelled(x, t, torch.tensor([0, 0])), labelled(x, t, torch.tensor([1, 1])))
     with pytest.raises(ValueError, match="label_context needs"):
         UNetConfig(label_context=True)
+
+
+@pytest.mark.reference
+def test_parity_with_diffusers_unet2d_ddpm_layout():
+    """The DDPM-style UNet (sin-first embedding, shift 1, asymmetric downsampling, eps 1e-6, one head)
+    equals diffusers' UNet2DModel with the same random weights."""
+    diffusers = pytest.importorskip("diffusers")
+    from ldm.convert import load_converted, unet2d_rules
+
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+        attention_head_dim=None,
+    ).eval()
+    config = UNetConfig.ddpm_cifar10().with_(sample_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                             attention=(False, True), norm_groups=8, dropout=0.0)
+    ours = load_converted(UNet(config), ref.state_dict(), unet2d_rules(config), "diffusers UNet2DModel").eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 901])
+    with torch.no_grad():
+        expected, got = ref(x, t).sample, ours(x, t)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
