@@ -13,11 +13,9 @@ import torch
 from .checkpoint import CheckpointError
 from .config import parse_value
 from .data import DATASETS, DatasetUnavailableError
-from .samplers import SAMPLERS
-from .schedule import ScheduleConfig
 from .loop import TrainingDiverged
-from .train import PRESETS, TrainConfig
-from .unet import UNetConfig
+from .samplers import SAMPLERS
+from .train import PRESETS
 
 
 def override_config(config, pairs: list[str]):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_weights, safe_load
-from .config import from_dict, load_json
+from .checkpoint import load_weights
 from .data import ImageDataset
-from .loop import CHECKPOINT, CONFIG
+from .loop import read_run
 from .vae import AutoencoderKL, VAEConfig
 
 
@@ -24,17 +23,9 @@ def load_vae(path: str | Path, *, ema: bool = True, device: str | torch.device =
     """Load a ``ldm train-vae`` run (directory or checkpoint file): (VAE in eval mode, image size it was trained at)."""
     from .train_vae import VAETrainConfig
 
-    path = Path(path)
-    file = path / CHECKPOINT if path.is_dir() else path
-    state = safe_load(file)
-    if not isinstance(state, dict) or "config" not in state:
-        raise CheckpointError(f"{file} is not an ldm checkpoint (no 'config' entry)")
-    config = load_json(VAETrainConfig, path / CONFIG) if path.is_dir() and (path / CONFIG).exists() \
-        else from_dict(VAETrainConfig, state["config"])
-    if "vae" not in state["config"]:
-        raise CheckpointError(f"{file} is not a VAE run (train one with `ldm train-vae`)")
+    state, config = read_run(path, VAETrainConfig, "kl_weight", "ldm train-vae")
     vae = AutoencoderKL(config.vae)
-    load_weights(vae, state["ema"]["model"] if ema else state["model"], source=f"{file} (VAE)")
+    load_weights(vae, state["ema"]["model"] if ema else state["model"], source=f"{path} (VAE)")
     return vae.to(device).eval().requires_grad_(False), config.image_size
 
 

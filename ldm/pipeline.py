@@ -14,11 +14,10 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_weights, safe_load
-from .config import from_dict, load_json
+from .checkpoint import load_weights
 from .diffusion import q_sample
 from .latent import check_vae_matches, load_vae
-from .loop import CHECKPOINT, CONFIG
+from .loop import read_run
 from .samplers import StepRecord, classifier_free_guidance, get_sampler, randn
 from .schedule import NoiseSchedule
 from .train import TrainConfig
@@ -43,19 +42,7 @@ class DiffusionPipeline:
         ``ema=True`` (the default) takes the EMA weights, which sample better. A latent model
         loads the VAE it was trained with (or ``vae``, checked to have the same latent shape and scale).
         """
-        path = Path(path)
-        if path.is_dir():
-            if not (path / CHECKPOINT).exists():
-                raise CheckpointError(f"{path} has no {CHECKPOINT}: is it a run directory from `ldm train`?")
-            state = safe_load(path / CHECKPOINT)
-            config = load_json(TrainConfig, path / CONFIG) if (path / CONFIG).exists() else from_dict(TrainConfig, state["config"])
-        else:
-            state = safe_load(path)
-            if not isinstance(state, dict) or "config" not in state:
-                raise CheckpointError(f"{path} is not an ldm training checkpoint (no 'config' entry)")
-            config = from_dict(TrainConfig, state["config"])
-        if "unet" not in state["config"]:
-            raise CheckpointError(f"{path} is not a diffusion run (a VAE run? sample from the latent model instead)")
+        state, config = read_run(path, TrainConfig, "unet", "ldm train")
         unet = UNet(config.unet)
         load_weights(unet, state["ema"]["model"] if ema else state["model"], source=f"{path} ({'EMA' if ema else 'raw'} weights)")
         autoencoder = None

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from ldm.checkpoint import CheckpointError
 from ldm.data import ImageDataset
 from ldm.latent import LatentDataset, encode_dataset, load_vae
 from ldm.pipeline import DiffusionPipeline
@@ -65,5 +66,9 @@ def test_wrong_vae_pairing_is_named(vae_dir, digits32, tmp_path):
     other = vae_run(tmp_path / "other", digits32, TINY_VAE.with_(latent_channels=3))
     with pytest.raises(ValueError, match="latent_channels 2, this VAE has 3"):
         DiffusionPipeline.from_run(tmp_path / "run", vae=other)
+    with pytest.raises(CheckpointError, match="not a run of `ldm train`"):
+        DiffusionPipeline.from_run(vae_dir)  # a VAE run where a diffusion run is expected
+    with pytest.raises(CheckpointError, match="not a run of `ldm train-vae`"):
+        load_vae(tmp_path / "run")
     with pytest.raises(ValueError, match="latent-space UNet"):
         Trainer(TrainConfig(unet=LATENT_UNET, dataset="mnist-bundled"), tmp_path / "x", dataset=digits32, progress=False)

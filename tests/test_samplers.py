@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from ldm.diffusion import q_sample
 from ldm.samplers import classifier_free_guidance, ddim, ddpm, get_sampler, sample
 from ldm.schedule import NoiseSchedule, ScheduleConfig, gather
 

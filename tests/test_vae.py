@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ldm.convert import convert_state_dict, load_converted, vae_config_from_diffusers, vae_rules
+from ldm.convert import load_converted, vae_config_from_diffusers, vae_rules
 from ldm.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 SMALL_SD = VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
