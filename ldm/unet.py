@@ -41,7 +41,7 @@ class UNetConfig:
     scale_shift: bool = False  # adaptive GroupNorm in ResBlocks
     num_classes: int | None = None  # class-conditional; label num_classes is the null label for CFG
     context_dim: int | None = None  # cross-attention transformer blocks (SpatialTransformer) instead of self-attention
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per attention layer, or one count per level
     linear_projection: bool = False  # linear proj_in/out in transformer blocks (SD 2, SDXL) instead of 1×1 convs
     label_context: bool = False  # class labels enter as a learned one-token context, not via the time embedding
     flip_sin_to_cos: bool = True
@@ -51,6 +51,8 @@ class UNetConfig:
     def __post_init__(self):
         if len(self.attention) != len(self.channel_mult):
             raise ValueError(f"attention has {len(self.attention)} entries, channel_mult {len(self.channel_mult)}: need one per level")
+        if isinstance(self.transformer_depth, tuple) and len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError(f"transformer_depth has {len(self.transformer_depth)} entries, channel_mult {len(self.channel_mult)}")
         if self.label_context and not (self.context_dim and self.num_classes):
             raise ValueError("label_context needs context_dim and num_classes")
         for mult in self.channel_mult:
@@ -60,6 +62,10 @@ class UNetConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    def depth(self, level: int) -> int:
+        d = self.transformer_depth
+        return d if isinstance(d, int) else d[level]
 
     def with_(self, **changes) -> "UNetConfig":
         return replace(self, **changes)
@@ -90,6 +96,21 @@ class UNetConfig:
             num_res_blocks=2, attention=(False, True, False, False), mid_attention=True, num_heads=1,
             dropout=0.1, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1.0, asymmetric_downsample=True,
         )
+
+    @classmethod
+    def sd15(cls, in_channels: int = 4) -> "UNetConfig":
+        """Stable Diffusion 1.x (860M parameters): 4-channel 64×64 latents for 512² images, 8 heads,
+        cross-attention to 77×768 CLIP ViT-L/14 states  [Rombach et al. 2022, v1-inference.yaml].
+        ``in_channels=9`` is the inpainting model (latents, mask, masked-image latents)."""
+        return cls(
+            in_channels=in_channels, out_channels=4, sample_size=None, channels=320, channel_mult=(1, 2, 4, 4),
+            num_res_blocks=2, attention=(True, True, True, False), mid_attention=True, num_heads=8, context_dim=768,
+        )
+
+    @classmethod
+    def sd2(cls) -> "UNetConfig":
+        """Stable Diffusion 2.x: as 1.x but 64-channel heads, linear projections, 1024-wide OpenCLIP context."""
+        return cls.sd15().with_(num_heads=1, head_dim=64, context_dim=1024, linear_projection=True)
 
 
 class UNetStage(nn.ModuleList):
@@ -128,11 +149,11 @@ class UNet(nn.Module):
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout=c.dropout, groups=c.norm_groups, eps=c.norm_eps, scale_shift=c.scale_shift)
 
-        def attn(ch: int) -> nn.Module:
+        def attn(ch: int, level: int) -> nn.Module:
             head_dim = c.head_dim or ch // c.num_heads
             if c.context_dim is None:
                 return SelfAttentionBlock(ch, head_dim, groups=c.norm_groups, eps=c.norm_eps)
-            return SpatialTransformer(ch, ch // head_dim, head_dim, c.context_dim, depth=c.transformer_depth,
+            return SpatialTransformer(ch, ch // head_dim, head_dim, c.context_dim, depth=c.depth(level),
                                       groups=c.norm_groups, linear_projection=c.linear_projection)
 
         ch = c.channels
@@ -143,14 +164,14 @@ class UNet(nn.Module):
                 layers = [res(ch, c.channels * mult)]
                 ch = c.channels * mult
                 if c.attention[level]:
-                    layers.append(attn(ch))
+                    layers.append(attn(ch, level))
                 self.down.append(UNetStage(layers))
                 skip_channels.append(ch)
             if level < len(c.channel_mult) - 1:
                 self.down.append(UNetStage([Downsample(ch, c.asymmetric_downsample)]))
                 skip_channels.append(ch)
 
-        self.mid = UNetStage([res(ch, ch), attn(ch), res(ch, ch)] if c.mid_attention else [res(ch, ch), res(ch, ch)])
+        self.mid = UNetStage([res(ch, ch), attn(ch, len(c.channel_mult) - 1), res(ch, ch)] if c.mid_attention else [res(ch, ch), res(ch, ch)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -158,7 +179,7 @@ class UNet(nn.Module):
                 layers = [res(ch + skip_channels.pop(), c.channels * mult)]
                 ch = c.channels * mult
                 if c.attention[level]:
-                    layers.append(attn(ch))
+                    layers.append(attn(ch, level))
                 if level > 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.up.append(UNetStage(layers))

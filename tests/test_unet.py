@@ -158,7 +158,7 @@ def test_parity_with_diffusers_unet2d_ddpm_layout():
     """The DDPM-style UNet (sin-first embedding, shift 1, asymmetric downsampling, eps 1e-6, one head)
     equals diffusers' UNet2DModel with the same random weights."""
     diffusers = pytest.importorskip("diffusers")
-    from ldm.convert import load_converted, unet2d_rules
+    from ldm.convert import import_state_dict, unet_config_from_diffusers, unet_layout
 
     torch.manual_seed(0)
     ref = diffusers.UNet2DModel(
@@ -169,7 +169,8 @@ def test_parity_with_diffusers_unet2d_ddpm_layout():
     ).eval()
     config = UNetConfig.ddpm_cifar10().with_(sample_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                              attention=(False, True), norm_groups=8, dropout=0.0)
-    ours = load_converted(UNet(config), ref.state_dict(), unet2d_rules(config), "diffusers UNet2DModel").eval()
+    assert unet_config_from_diffusers(dict(ref.config)) == config.with_(sample_size=None, dropout=0.0)
+    ours = import_state_dict(UNet(config), ref.state_dict(), unet_layout(config, "diffusers"), "diffusers UNet2DModel").eval()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 901])
     with torch.no_grad():
         expected, got = ref(x, t).sample, ours(x, t)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ldm.convert import load_converted, vae_config_from_diffusers, vae_rules
+from ldm.checkpoint import load_weights
+from ldm.convert import import_state_dict, vae_config_from_diffusers, vae_layout
 from ldm.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 SMALL_SD = VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
@@ -62,7 +63,7 @@ def check_parity_with_diffusers(block_out_channels, layers_per_block, norm_num_g
     config = vae_config_from_diffusers(dict(ref.config))
     if expected is not None:
         assert config == expected
-    ours = load_converted(AutoencoderKL(config), ref.state_dict(), vae_rules(config), "diffusers AutoencoderKL").eval()
+    ours = import_state_dict(AutoencoderKL(config), ref.state_dict(), vae_layout(config, "diffusers"), "diffusers AutoencoderKL").eval()
     f = config.downsample_factor
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -91,4 +92,4 @@ def test_unknown_and_missing_keys_are_named():
     vae = AutoencoderKL(SMALL_SD)
     state = {("encoder.extra.weight" if k == "encoder.conv_in.weight" else k): v for k, v in vae.state_dict().items()}
     with pytest.raises(Exception, match=r"missing: encoder\.conv_in\.weight[\s\S]*unexpected: encoder\.extra\.weight"):
-        load_converted(AutoencoderKL(SMALL_SD), state, [], "test")
+        load_weights(AutoencoderKL(SMALL_SD), state, "test")

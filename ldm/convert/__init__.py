@@ -1,0 +1,10 @@
+"""Weights in other libraries' layouts: rule tables from ldm's names to theirs, and back."""
+
+from .core import Layout, Rule, export_state_dict, foreign_names, import_state_dict, rename, take_prefix
+from .unet import unet_config_from_diffusers, unet_layout
+from .vae import vae_config_from_diffusers, vae_layout
+
+__all__ = [
+    "Layout", "Rule", "export_state_dict", "foreign_names", "import_state_dict", "rename", "take_prefix",
+    "unet_config_from_diffusers", "unet_layout", "vae_config_from_diffusers", "vae_layout",
+]

@@ -1,0 +1,114 @@
+"""Where ``ldm.unet``'s weights live in diffusers folders and in original (CompVis) checkpoints.
+
+ldm keeps the UNet as three flat lists of stages: ``down`` holds num_res_blocks + 1 stages per
+level (ResBlock [+ attention] stages, then a Downsample stage, none after the last level),
+``up`` holds num_res_blocks + 1 per level (the last one ending in an Upsample, except at level 0).
+The original layout numbers the same stages ``input_blocks.{k+1}`` / ``middle_block`` /
+``output_blocks.{k}``; diffusers nests them per level (``down_blocks.i.resnets.j``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from ..unet import UNetConfig
+from .core import Layout, Rule
+
+Format = Literal["diffusers", "original"]
+
+
+def unet_layout(config: UNetConfig, fmt: Format) -> Layout:
+    """The naming of ``UNet(config)``'s weights in ``fmt`` ("diffusers": ``UNet2DModel`` /
+    ``UNet2DConditionModel``; "original": the ``model.diffusion_model.`` part of a CompVis file, unprefixed)."""
+    nrb, levels = config.num_res_blocks, len(config.channel_mult)
+    per_level = nrb + 1
+    cross = config.context_dim is not None
+
+    def down(m: re.Match) -> str:
+        k, slot, conv = int(m[1]), int(m[2]), m[3] or ""
+        level, j = divmod(k, per_level)
+        if fmt == "original":  # the downsampling conv is called "op" there
+            return f"input_blocks.{k + 1}.{slot}.{'op.' if j == nrb else conv}"
+        if j == nrb:
+            return f"down_blocks.{level}.downsamplers.0.{conv}"
+        return f"down_blocks.{level}.{'resnets' if slot == 0 else 'attentions'}.{j}.{conv}"
+
+    def up(m: re.Match) -> str:
+        k, slot = int(m[1]), int(m[2])
+        if fmt == "original":
+            return f"output_blocks.{k}.{slot}."
+        i, j = divmod(k, per_level)
+        has_attention = config.attention[levels - 1 - i]
+        kind = {0: "resnets", 1: "attentions" if has_attention else "upsamplers", 2: "upsamplers"}[slot]
+        return f"up_blocks.{i}.{kind}.{0 if kind == 'upsamplers' else j}."
+
+    def mid(m: re.Match) -> str:
+        slot = int(m[1])
+        if fmt == "original":
+            return f"middle_block.{slot}."
+        if slot == 1 and config.mid_attention:
+            return "mid_block.attentions.0."
+        return f"mid_block.resnets.{0 if slot == 0 else 1}."
+
+    resblock = r"^((?:down|up|mid)(?:\.\d+)+)\."  # a direct child of a stage: only ResBlocks have these names
+    if fmt == "original":
+        inner: list[Rule] = [
+            (resblock + "norm1\\.", r"\1.in_layers.0."), (resblock + "conv1\\.", r"\1.in_layers.2."),
+            (resblock + "time_emb_proj\\.", r"\1.emb_layers.1."), (resblock + "norm2\\.", r"\1.out_layers.0."),
+            (resblock + "conv2\\.", r"\1.out_layers.3."), (resblock + "skip\\.", r"\1.skip_connection."),
+        ]
+        outer: list[Rule] = [
+            (r"^time_embedding\.linear_1\.", "time_embed.0."), (r"^time_embedding\.linear_2\.", "time_embed.2."),
+            (r"^conv_in\.", "input_blocks.0.0."), (r"^norm_out\.", "out.0."), (r"^conv_out\.", "out.2."),
+        ]
+    else:
+        inner = [(resblock + "skip\\.", r"\1.conv_shortcut.")]
+        if not cross:
+            inner.append((resblock + r"norm\.", r"\1.group_norm."))  # DDPM self-attention blocks
+        outer = [(r"^norm_out\.", "conv_norm_out.")]
+    attention: list[Rule] = [(r"\.to_out\.", ".to_out.0."), (r"\.ff\.proj\.", ".ff.net.0.proj."), (r"\.ff\.out\.", ".ff.net.2.")]
+    structure: list[Rule] = [(r"^down\.(\d+)\.(\d+)\.(conv\.)?", down), (r"^up\.(\d+)\.(\d+)\.", up), (r"^mid\.(\d+)\.", mid)]
+    aliases: list[Rule] = [(r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."),
+                           (r"\.proj_attn\.", ".to_out.0.")] if fmt == "diffusers" else []
+    return Layout(inner + attention + structure + outer, aliases=aliases)
+
+
+def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
+    """Read a diffusers ``unet/config.json`` (``UNet2DModel`` or ``UNet2DConditionModel``) into a ``UNetConfig``."""
+    widths = list(cfg["block_out_channels"])
+    base = widths[0]
+    if any(w % base for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    down_types = cfg["down_block_types"]
+    levels = len(widths)
+    known = {"DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D"}
+    if unknown := set(down_types) - known:
+        raise ValueError(f"unsupported diffusers down block types {sorted(unknown)} (supported: {sorted(known)})")
+    attention = tuple(t != "DownBlock2D" for t in down_types)
+    context_dim = cfg.get("cross_attention_dim") if any(t.startswith("CrossAttn") for t in down_types) else None
+    if isinstance(context_dim, (list, tuple)):
+        raise ValueError(f"per-level cross_attention_dim {context_dim} is not supported")
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim") or 8
+    head_dim = None
+    if context_dim is None:  # UNet2DModel: attention_head_dim really is a head dimension (None → one head)
+        head_dim, heads = cfg.get("attention_head_dim", 8), 1
+    elif isinstance(heads, (list, tuple)):  # SD 2: heads per level, 64 channels each
+        dims = {w // h for w, h in zip(widths, heads)}
+        if len(dims) != 1:
+            raise ValueError(f"attention heads {heads} give different head sizes per level")
+        head_dim = dims.pop()
+    depth = cfg.get("transformer_layers_per_block", 1)
+    return UNetConfig(
+        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+        sample_size=None, channels=base, channel_mult=tuple(w // base for w in widths),
+        num_res_blocks=cfg.get("layers_per_block", 2), attention=attention,
+        mid_attention=cfg.get("add_attention", True),
+        num_heads=heads if head_dim is None else 1, head_dim=head_dim,
+        norm_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
+        scale_shift=cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
+        context_dim=context_dim, transformer_depth=tuple(depth) if isinstance(depth, (list, tuple)) else depth,
+        linear_projection=cfg.get("use_linear_projection", False),
+        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=float(cfg.get("freq_shift", 0)),
+        asymmetric_downsample=cfg.get("downsample_padding", 1) == 0,
+    )
