@@ -1,13 +1,20 @@
-"""Saving and loading training state: atomically, and without ever running pickled code."""
+"""Saving and loading training state and third-party weights: atomically, and without ever running pickled code."""
 
 from __future__ import annotations
 
+import io
 import os
+import pickletools
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from torch import _weights_only_unpickler
+from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 
 class CheckpointError(RuntimeError):
@@ -37,15 +44,126 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """Load a torch checkpoint with ``weights_only=True``: tensors and plain containers only,
     so a malicious file cannot run code. Errors name the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    path = _existing_file(path, "checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors …
         raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only torch file): {e}") from e
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+# Training metadata that public weight files pickle beside the tensors (Lightning callbacks in the
+# original Stable Diffusion .ckpt files, numpy scalars); bound to _Inert, never imported, then dropped.
+_INERT_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+_INERT_NAMES = {"numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
+
+
+class _Inert:
+    """Stands in for a harmless class or function named in a pickle: takes any arguments and state, does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors in a weight file, on CPU: ``.safetensors``, or a torch pickle (``.ckpt``, ``.pt``, ``.pth``, ``.bin``).
+
+    A nested ``state_dict`` (original Stable Diffusion ``.ckpt`` files) is unwrapped; non-tensor entries are dropped.
+
+    Threat model: a pickle is a program, and a downloaded weight file can be written to run one
+    (``os.system``, ``exec``) the moment it is unpickled. Pickles therefore only go through torch's
+    ``weights_only`` unpickler, which builds tensors and plain containers and calls nothing else. The
+    training metadata some public files carry (``_INERT_PREFIXES``, ``_INERT_NAMES``) is bound to an
+    inert stand-in, never imported; any other global is refused by name. safetensors holds no code.
+    """
+    path = _existing_file(path, "weight file")
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_FILE_SUFFIXES:
+        supported = ", ".join(WEIGHT_FILE_SUFFIXES)
+        raise CheckpointError(f"{path}: unknown weight-file extension {suffix!r}; supported: {supported}")
+    if suffix == ".safetensors":
+        try:
+            obj = safetensors.torch.load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError: header too large / too small / file not fully covered …
+            raise CheckpointError(f"cannot read {path} (truncated or corrupt safetensors file): {e}") from e
+    else:
+        obj = _load_pickled_weights(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    items = obj.items() if isinstance(obj, dict) else ()
+    tensors = {k: v for k, v in items if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors (it holds a {type(obj).__name__})")
+    return tensors
+
+
+def _load_pickled_weights(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; on refusal, once more with the known-harmless globals bound to ``_Inert``."""
+    mmap = zipfile.is_zipfile(path)  # torch maps only its zip format; legacy files are read whole
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        error = e
+    names = _pickle_globals(path)
+    inert = sorted(n for n in names if n.startswith(_INERT_PREFIXES) or n in _INERT_NAMES)
+    # The private table is the one torch.serialization.get_unsafe_globals_in_checkpoint consults.
+    refused = sorted(names - set(inert) - set(_weights_only_unpickler._get_allowed_globals()))
+    if refused:
+        raise CheckpointError(
+            f"refusing to load {path}: its pickle calls {', '.join(refused)}, which no weight file needs; "
+            "the file may be malicious"
+        )
+    if inert:
+        try:
+            with torch.serialization.safe_globals([(_Inert, name) for name in inert]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:
+            error = e
+    # Keep torch's diagnosis, not its advice to retry with weights_only=False.
+    reason = re.split(r"Please use|Check the documentation", str(error).split("WeightsUnpickler error:")[-1])[0].strip()
+    raise CheckpointError(f"cannot read {path} (truncated, corrupt, or not a torch weight file): {reason}") from error
+
+
+def _pickle_globals(path: Path) -> set[str]:
+    """The globals (``module.name``) a torch file's pickle refers to, read by disassembly, never by unpickling.
+    Best effort: a damaged file gives the names of the pickles that read through to their end."""
+    names: set[str] = set()
+    recent: list[Any] = []  # arguments of the last two value-pushing opcodes, for protocol-4 STACK_GLOBAL
+    try:
+        with path.open("rb") as f:
+            stream: Any = f
+            if f.read(4) == b"PK\x03\x04":  # torch's zip format: the pickle is the archive's data.pkl
+                with zipfile.ZipFile(f) as archive:
+                    stream = io.BytesIO(archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl"))))
+            else:
+                f.seek(0)
+            for _ in range(4):  # a legacy file is four pickles: magic number, protocol, system info, the object
+                found = set()  # kept only once the pickle reads through to its end: no names from damaged bytes
+                for op, arg, _pos in pickletools.genops(stream):
+                    if op.name == "GLOBAL":  # protocol 2 writes Python 2 names (__builtin__.exec); map as torch does
+                        module, name = arg.split(" ", 1)
+                        found.add(".".join(NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))))
+                    elif op.name == "STACK_GLOBAL":
+                        found.add(".".join(a if isinstance(a, str) else "?" for a in recent))
+                    if op.name not in ("MEMOIZE", "FRAME") and "PUT" not in op.name:
+                        recent = [*recent[-1:], arg]
+                names |= found
+    except Exception:  # EOF after the last pickle, or damage
+        pass
+    return names
+
+
+def _existing_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes)")
+    return path
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
