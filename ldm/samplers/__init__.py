@@ -7,19 +7,36 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, Spacing
 from .common import Model, StepRecord, randn
 from .ddim import ddim
 from .ddpm import ddpm
+from .dpm_solver import dpm_solver_timesteps, dpmpp_2m
+from .euler import euler, euler_ancestral, euler_timesteps
 from .guidance import classifier_free_guidance
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim}
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "euler": euler, "euler_a": euler_ancestral}
 
 
 def get_sampler(name: str):
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def sampler_timesteps(name: str, schedule: NoiseSchedule, num_inference_steps: int, spacing: Spacing = "leading",
+                      steps_offset: int = 0) -> torch.Tensor:
+    """The timesteps the named sampler visits by default, decreasing: what to slice for img2img.
+
+    They differ by sampler as diffusers' schedulers do: DPM-Solver splits [0, T) into S + 1 points
+    ("leading" steps by ⌊T/(S+1)⌋), Euler leaves "linspace" unrounded; DDIM and DDPM use ``schedule.timesteps``.
+    """
+    get_sampler(name)
+    if name == "dpm++2m":
+        return dpm_solver_timesteps(schedule, num_inference_steps, spacing, steps_offset)
+    if name in ("euler", "euler_a"):
+        return euler_timesteps(schedule, num_inference_steps, spacing, steps_offset)
+    return schedule.timesteps(num_inference_steps, spacing, steps_offset)
 
 
 def sample(
@@ -42,10 +59,14 @@ def sample(
     loop = get_sampler(name=sampler)
     x = randn(shape, generator, device) if x_T is None else x_T
     record = None
-    steps = options.get("num_inference_steps") or (schedule.num_train_timesteps if sampler == "ddpm" else 50)
+    if options.get("timesteps") is not None:
+        steps = len(options["timesteps"])
+    else:  # each sampler's own default: all T steps for ddpm, 50 for the others
+        steps = options.get("num_inference_steps") or (schedule.num_train_timesteps if sampler == "ddpm" else 50)
     for record in tqdm(loop(model, schedule, x, generator=generator, **options), total=steps, disable=not progress, desc=sampler):
         pass
     return record.x_prev
 
 
-__all__ = ["SAMPLERS", "Model", "StepRecord", "classifier_free_guidance", "ddim", "ddpm", "get_sampler", "randn", "sample"]
+__all__ = ["SAMPLERS", "Model", "StepRecord", "classifier_free_guidance", "ddim", "ddpm", "dpm_solver_timesteps", "dpmpp_2m",
+           "euler", "euler_ancestral", "euler_timesteps", "get_sampler", "randn", "sample", "sampler_timesteps"]
