@@ -77,7 +77,7 @@ def export_state_dict(model: nn.Module, layout: Layout) -> dict[str, torch.Tenso
 
 
 def import_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], layout: Layout,
-                      source: str = "checkpoint") -> nn.Module:
+                      source: str = "checkpoint", assign: bool = False) -> nn.Module:
     """Load foreign-named weights into ``model``: every key must be claimed and every shape must match.
 
     Keys outside ``layout.prefix`` are not looked at (a single file holds several models);
@@ -104,7 +104,7 @@ def import_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], lay
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f", … ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
         raise CheckpointError(f"{source} has weights that {type(model).__name__} does not know: {shown}")
-    load_weights(model, converted, source=source)
+    load_weights(model, converted, source=source, assign=assign)
     return model
 
 

@@ -112,3 +112,24 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=float(cfg.get("freq_shift", 0)),
         asymmetric_downsample=cfg.get("downsample_padding", 1) == 0,
     )
+
+
+def unet_config_to_diffusers(config: UNetConfig) -> dict:
+    """A ``UNetConfig`` with cross-attention as a diffusers ``UNet2DConditionModel`` config (the inverse of the reader)."""
+    if config.context_dim is None or config.num_classes is not None or config.scale_shift:
+        raise ValueError("only cross-attention UNets without class labels or scale-shift norms are written as diffusers configs")
+    widths = [config.channels * m for m in config.channel_mult]
+    heads = [w // config.head_dim for w in widths] if config.head_dim else config.num_heads
+    return {
+        "_class_name": "UNet2DConditionModel", "sample_size": config.sample_size or 64,
+        "in_channels": config.in_channels, "out_channels": config.out_channels, "block_out_channels": widths,
+        "layers_per_block": config.num_res_blocks,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention)],
+        "cross_attention_dim": config.context_dim, "attention_head_dim": heads,
+        "transformer_layers_per_block": list(config.transformer_depth) if isinstance(config.transformer_depth, tuple)
+        else config.transformer_depth,
+        "use_linear_projection": config.linear_projection, "norm_num_groups": config.norm_groups, "norm_eps": config.norm_eps,
+        "flip_sin_to_cos": config.flip_sin_to_cos, "freq_shift": int(config.freq_shift),
+        "downsample_padding": 0 if config.asymmetric_downsample else 1,
+    }

@@ -64,3 +64,15 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
         mid_attention=cfg.get("mid_block_add_attention", True), norm_groups=cfg.get("norm_num_groups", 32),
         norm_eps=1e-6, scaling_factor=cfg.get("scaling_factor", 0.18215),
     )
+
+
+def vae_config_to_diffusers(config: VAEConfig) -> dict:
+    """A ``VAEConfig`` as a diffusers ``AutoencoderKL`` config (the inverse of ``vae_config_from_diffusers``)."""
+    levels = len(config.channel_mult)
+    return {
+        "_class_name": "AutoencoderKL", "in_channels": config.in_channels, "out_channels": config.out_channels,
+        "latent_channels": config.latent_channels, "block_out_channels": [config.channels * m for m in config.channel_mult],
+        "layers_per_block": config.num_res_blocks, "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels, "norm_num_groups": config.norm_groups,
+        "mid_block_add_attention": config.mid_attention, "scaling_factor": config.scaling_factor, "act_fn": "silu",
+    }

@@ -1,0 +1,199 @@
+"""The CLIP text transformer that turns token ids into the context a Stable Diffusion UNet attends to.
+
+Data flow  [Radford et al. 2021, §2.4; GPT-2-style pre-LN blocks]:
+    ids (B, L) ─E[ids] + P[:L]─► x₀ ─block₁ … block_N (causal self-attention)─► x_N
+    hidden = LN_final(x_{N+1+output_layer})      what the UNet consumes (SD1: x_N, SD2: x_{N−1})
+    pooled = LN_final(x_N)[first end token]      (· W_proj when projection_dim is set)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Defaults are OpenAI CLIP ViT-L/14's text tower (Stable Diffusion 1.x).
+
+    output_layer: which block's output feeds the UNet, counted from the end (−1 last, −2 penultimate);
+        the final LayerNorm is applied to it in both cases, as SD1 and SD2 do.
+    projection_dim: width of the pooled output's linear projection (``text_projection``), or None for none.
+    eos_token_id: the pooled output is read at the first occurrence of this id in each row.
+    """
+
+    vocab_size: int = 49408
+    max_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    output_layer: int = -1
+    projection_dim: int | None = None
+    eos_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if not -self.layers <= self.output_layer <= -1:
+            raise ValueError(f"output_layer must be in [-{self.layers}, -1] (counted from the end); got {self.output_layer}")
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"activation must be 'quick_gelu' or 'gelu'; got {self.activation!r}")
+
+    def with_(self, **changes) -> "TextEncoderConfig":
+        return replace(self, **changes)
+
+    @classmethod
+    def clip_vit_l14(cls) -> "TextEncoderConfig":
+        """OpenAI CLIP ViT-L/14 text tower, last layer (Stable Diffusion 1.x): 123,060,480 parameters."""
+        return cls()
+
+    @classmethod
+    def openclip_vit_h14(cls) -> "TextEncoderConfig":
+        """OpenCLIP ViT-H/14 text tower, penultimate layer (Stable Diffusion 2.x). All 24 blocks are held so
+        that single files load completely; the last one only runs for the pooled output."""
+        return cls(width=1024, layers=24, heads=16, mlp_dim=4096, activation="gelu", output_layer=-2)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x · σ(1.702 x): the sigmoid approximation of GELU(x) = x · Φ(x)  [Hendrycks & Gimpel 2016, §2], which
+    OpenAI's CLIP was trained with; the exact GELU would shift its outputs, so the two are kept apart."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position i sees positions j ≤ i  [Vaswani et al. 2017, Eq. 1]:
+
+        Attention(Q, K, V) = softmax(Q Kᵀ / √d + M) V,   M_ij = −∞ for j > i, else 0
+    Shapes: x (B, L, D) → (B, L, D); d = D / heads.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (rearrange(proj(x), "b l (h d) -> b h l d", h=self.heads) for proj in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(rearrange(h, "b h l d -> b l (h d)"))
+
+
+class MLP(nn.Module):
+    """W₂ · φ(W₁ x + b₁) + b₂ with φ = quick-GELU or GELU. Shapes: (B, L, D) → (B, L, D)."""
+
+    def __init__(self, width: int, hidden: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.activation = quick_gelu if activation == "quick_gelu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class TextBlock(nn.Module):
+    """Pre-LN transformer block:  h = x + Attn(LN₁(x));  out = h + MLP(LN₂(h)).  Shapes: (B, L, D) → (B, L, D)."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, activation: str, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = CausalSelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class TextEncoderOutput:
+    """hidden (B, L, D): the UNet's context; pooled (B, D) or (B, projection_dim): one vector per prompt."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer  [Radford et al. 2021]:
+
+        x₀ = E[ids] + P[0:L]           token and learned position embeddings
+        x_n = block_n(x_{n−1})          n = 1 … N, causal self-attention
+        hidden = LN_final(x_{N+1+output_layer})
+    ``forward`` returns ``hidden`` and runs only the blocks it needs; ``encode`` also returns the pooled vector.
+    Shapes: token_ids (B, L) integer, L ≤ max_length → (B, L, width).
+    """
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = c = config
+        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
+        self.position_embedding = nn.Parameter(torch.empty(c.max_length, c.width))
+        self.layers = nn.ModuleList(TextBlock(c.width, c.heads, c.mlp_dim, c.activation, c.layer_norm_eps)
+                                    for _ in range(c.layers))
+        self.final_norm = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
+        self.projection = nn.Linear(c.width, c.projection_dim, bias=False) if c.projection_dim else None
+        nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's initialisation of both tables
+        nn.init.normal_(self.position_embedding, std=0.01)
+
+    def check_ids(self, token_ids: torch.Tensor) -> None:
+        """Raise ValueError unless token_ids is an integer (B, L) tensor with L ≤ max_length and ids in [0, vocab)."""
+        c = self.config
+        if not isinstance(token_ids, torch.Tensor) or token_ids.dtype.is_floating_point or token_ids.dtype.is_complex \
+                or token_ids.dtype == torch.bool:
+            kind = token_ids.dtype if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+            raise ValueError(f"token ids must be an integer tensor; got {kind}")
+        if token_ids.dim() != 2:
+            raise ValueError(f"token ids must have shape (batch, length); got {tuple(token_ids.shape)}")
+        if token_ids.shape[1] > c.max_length:
+            raise ValueError(f"{token_ids.shape[1]} tokens, but the text encoder takes at most {c.max_length}")
+        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= c.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {c.vocab_size}); got range "
+                             f"[{int(token_ids.min())}, {int(token_ids.max())}]")
+
+    def _blocks(self, token_ids: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """[x₀, x₁, …, x_count]: the embeddings and the outputs of the first ``count`` blocks."""
+        self.check_ids(token_ids)
+        x = self.token_embedding(token_ids.long()) + self.position_embedding[: token_ids.shape[1]]
+        states = [x]
+        for block in self.layers[:count]:
+            states.append(block(states[-1]))
+        return states
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The hidden states the UNet attends to. Shapes: (B, L) → (B, L, width)."""
+        used = self.config.layers + 1 + self.config.output_layer  # SD2 never runs its last block for the UNet
+        return self.final_norm(self._blocks(token_ids, used)[-1])
+
+    def encode(self, token_ids: torch.Tensor) -> TextEncoderOutput:
+        """Hidden states and the pooled vector, read at each row's first end-of-text token (``eos_token_id``).
+
+        transformers configs written before its PR #24773 carry eos_token_id = 2 and pool at argmax(ids)
+        instead; CLIP's end token 49407 is the largest id, so for tokenizer output the two agree
+        (``text_encoder_config_from_transformers`` maps that case to vocab_size − 1).
+        Shapes: (B, L) → hidden (B, L, width), pooled (B, width) or (B, projection_dim).
+        """
+        states = self._blocks(token_ids, self.config.layers)
+        is_eos = token_ids == self.config.eos_token_id
+        if not is_eos.any(dim=1).all():
+            raise ValueError(f"pooling needs the end token {self.config.eos_token_id} in every row")
+        last = self.final_norm(states[-1])
+        pooled = last[torch.arange(len(token_ids), device=last.device), is_eos.int().argmax(dim=1)]
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        hidden = last if self.config.output_layer == -1 else self.final_norm(states[self.config.output_layer])
+        return TextEncoderOutput(hidden, pooled)
+
+
+__all__ = ["TextEncoder", "TextEncoderConfig", "TextEncoderOutput", "quick_gelu"]
