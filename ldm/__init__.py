@@ -8,13 +8,18 @@ from .losses import diffusion_loss
 from .pipeline import DiffusionPipeline
 from .samplers import classifier_free_guidance, ddim, ddpm, sample
 from .schedule import NoiseSchedule, ScheduleConfig
+from .sd_checkpoint import load_pipeline
+from .stable_diffusion import StableDiffusion, StableDiffusionConfig
+from .text_encoder import TextEncoder, TextEncoderConfig
+from .tokenizer import CLIPTokenizer
 from .train import TrainConfig, Trainer, train
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 __version__ = "0.1.0"
 __all__ = [
-    "AutoencoderKL", "DiffusionPipeline", "NoiseSchedule", "ScheduleConfig", "TrainConfig", "Trainer", "UNet",
-    "UNetConfig", "VAEConfig", "classifier_free_guidance", "ddim", "ddpm", "diffusion_loss", "q_posterior",
+    "AutoencoderKL", "CLIPTokenizer", "DiffusionPipeline", "NoiseSchedule", "ScheduleConfig", "StableDiffusion",
+    "StableDiffusionConfig", "TextEncoder", "TextEncoderConfig", "TrainConfig", "Trainer", "UNet", "UNetConfig",
+    "VAEConfig", "classifier_free_guidance", "ddim", "ddpm", "diffusion_loss", "load_pipeline", "q_posterior",
     "q_sample", "sample", "train",
 ]

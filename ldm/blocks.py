@@ -115,11 +115,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour ×2, then a 3×3 convolution (avoids checkerboard artefacts)."""
+    """Double H and W (or reach ``size``, the skip connection's, after an odd-sized downsampling):
+    nearest-neighbour, then a 3×3 convolution (avoids checkerboard artefacts)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))

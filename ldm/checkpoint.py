@@ -166,8 +166,12 @@ def _existing_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """``load_state_dict`` that reports missing keys, unexpected keys and shape mismatches by name."""
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                 assign: bool = False) -> None:
+    """``load_state_dict`` that reports missing keys, unexpected keys and shape mismatches by name.
+
+    ``assign`` adopts the given tensors (dtype included) instead of copying into the model's own:
+    for models built on the "meta" device, which are never initialised, so loading is fast."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -183,4 +187,4 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
                 shown = ", ".join(items[:8]) + (f", … ({len(items)} in all)" if len(items) > 8 else "")
                 lines.append(f"  {title}: {shown}")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, assign=assign)

@@ -1,4 +1,4 @@
-"""The ``ldm`` command line: train, sample, evaluate."""
+"""The ``ldm`` command line: train, sample, evaluate; Stable Diffusion commands come from ``sd_cli``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .config import parse_value
 from .data import DATASETS, DatasetUnavailableError
 from .loop import TrainingDiverged
 from .samplers import SAMPLERS
+from .sd_cli import add_commands
 from .train import PRESETS
 
 
@@ -143,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm", description="Readable diffusion models: train, sample, evaluate.")
+    parser = argparse.ArgumentParser(prog="ldm", description="Readable diffusion models: train, sample, evaluate; Stable Diffusion text-to-image.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a pixel-space diffusion model",
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=1.0)
     e.add_argument("--device")
     e.set_defaults(func=cmd_evaluate)
+    add_commands(sub)
     return parser
 
 

@@ -27,7 +27,7 @@ from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, zero_init
 class UNetConfig:
     in_channels: int = 1
     out_channels: int = 1
-    sample_size: int | None = 28  # None: any size divisible by 2^(levels−1)
+    sample_size: int | None = 28  # None: any size
     channels: int = 64  # base width; level ℓ has channels · channel_mult[ℓ]
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2
@@ -58,10 +58,6 @@ class UNetConfig:
         for mult in self.channel_mult:
             if (self.channels * mult) % self.norm_groups:
                 raise ValueError(f"width {self.channels * mult} is not divisible by norm_groups={self.norm_groups}")
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
 
     def depth(self, level: int) -> int:
         d = self.transformer_depth
@@ -118,12 +114,14 @@ class UNetStage(nn.ModuleList):
     transformer blocks the context)."""
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context, mask)
+            elif isinstance(layer, Upsample):
+                h = layer(h, size)
             else:
                 h = layer(h)
         return h
@@ -197,9 +195,6 @@ class UNet(nn.Module):
         H, W = x.shape[-2:]
         if c.sample_size is not None and (H, W) != (c.sample_size, c.sample_size):
             raise ValueError(f"this UNet was configured for {c.sample_size}×{c.sample_size} inputs, got {H}×{W}")
-        f = c.downsample_factor
-        if H % f or W % f:
-            raise ValueError(f"input size {H}×{W} is not divisible by {f} (the UNet downsamples {len(c.channel_mult) - 1} times)")
 
     def embed(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int, device: torch.device):
         """The per-sample embedding added in every ResBlock, and the context for cross-attention (or None)."""
@@ -239,5 +234,7 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.mid(h, emb, context, mask)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
+            # an odd size rounds up when halved; upsampling then goes back to the skip's exact size
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = stage(h, emb, context, mask, skips[-1].shape[-2:] if skips else None)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -170,12 +170,56 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"image size {H}×{W} is not a multiple of the VAE's downsampling factor {f}")
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Latents (B, z, h, w) → images (B, C, h·f, w·f). With ``tile``, latents larger than tile×tile are
+        decoded in overlapping tiles, so memory stays that of one tile (for large images)."""
         if z.dim() != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"VAE decodes latents of shape (B, {self.config.latent_channels}, h, w), got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(z))
+        if tile is None or max(z.shape[-2:]) <= tile:
+            return self.decoder(self.post_quant_conv(z))
+        return self._decode_tiled(z, tile)
+
+    def _decode_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
+        """Decode tile×tile windows that overlap by a quarter tile and cross-fade them with linear ramps.
+
+        Each window sees only its own latents (the mid attention becomes local), so seams are hidden by
+        blending rather than avoided; the result is close to, not equal to, a whole decode.
+        """
+        if tile < 4:
+            raise ValueError(f"tile must be at least 4 latent pixels, got {tile}")
+        f, overlap = self.config.downsample_factor, tile // 4
+        H, W = z.shape[-2:]
+        out = weight = None
+        for y in _tile_starts(H, tile, tile - overlap):
+            for x in _tile_starts(W, tile, tile - overlap):
+                piece = self.decoder(self.post_quant_conv(z[..., y : y + tile, x : x + tile]))
+                ramp_y = _ramp(piece.shape[-2], overlap * f, y > 0, y + tile < H).to(piece)
+                ramp_x = _ramp(piece.shape[-1], overlap * f, x > 0, x + tile < W).to(piece)
+                w = ramp_y[:, None] * ramp_x[None, :]
+                if out is None:
+                    out = piece.new_zeros(*piece.shape[:2], H * f, W * f)
+                    weight = piece.new_zeros(H * f, W * f)
+                out[..., y * f : y * f + piece.shape[-2], x * f : x * f + piece.shape[-1]] += piece * w
+                weight[y * f : y * f + piece.shape[-2], x * f : x * f + piece.shape[-1]] += w
+        return out / weight
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Reconstruct x through a sampled latent; returns (x̂, posterior)."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
+
+
+def _tile_starts(n: int, tile: int, stride: int) -> list[int]:
+    starts = list(range(0, max(n - tile, 0) + 1, stride))
+    return starts if starts[-1] + tile >= n else starts + [n - tile]
+
+
+def _ramp(length: int, overlap: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
+    """Blend weights along one axis: rising over the first ``overlap`` pixels, falling over the last."""
+    w = torch.ones(length)
+    edge = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
+    if fade_in:
+        w[:overlap] = edge
+    if fade_out:
+        w[-overlap:] = torch.minimum(w[-overlap:], edge.flip(0))
+    return w

@@ -16,6 +16,9 @@ from .euler import euler, euler_ancestral, euler_timesteps
 from .guidance import classifier_free_guidance
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "euler": euler, "euler_a": euler_ancestral}
+# The spacing each sampler's diffusers scheduler class uses when a config does not say (SD 1.5's does not).
+DEFAULT_SPACING: dict[str, Spacing] = {"ddpm": "leading", "ddim": "leading", "dpm++2m": "linspace", "euler": "linspace",
+                                       "euler_a": "linspace"}
 
 
 def get_sampler(name: str):
@@ -68,5 +71,5 @@ def sample(
     return record.x_prev
 
 
-__all__ = ["SAMPLERS", "Model", "StepRecord", "classifier_free_guidance", "ddim", "ddpm", "dpm_solver_timesteps", "dpmpp_2m",
+__all__ = ["DEFAULT_SPACING", "SAMPLERS", "Model", "StepRecord", "classifier_free_guidance", "ddim", "ddpm", "dpm_solver_timesteps", "dpmpp_2m",
            "euler", "euler_ancestral", "euler_timesteps", "get_sampler", "randn", "sample", "sampler_timesteps"]

@@ -1,0 +1,287 @@
+"""Stable Diffusion weights on disk: recognise, read and write single files and diffusers folders.
+
+    single file (.safetensors / .ckpt)            diffusers folder
+      model.diffusion_model.*   ─┐                  unet/          config.json + weights
+      first_stage_model.*        ├─ rule tables ─►  vae/           config.json + weights
+      cond_stage_model.*        ─┘  (convert/)      text_encoder/  config.json + weights
+      model_ema.* (optional EMA UNet)               tokenizer/, scheduler/, model_index.json
+
+Both become one ``StableDiffusion``. Models are built on the "meta" device and adopt the file's
+tensors, so nothing is initialised only to be overwritten. Pickled files go through
+``checkpoint.load_state_dict_file``, which never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError, load_state_dict_file
+from .convert import (Layout, export_state_dict, foreign_names, import_state_dict, take_prefix, text_encoder_config_from_transformers,
+                      text_encoder_config_to_transformers, text_encoder_layout, unet_config_from_diffusers,
+                      unet_config_to_diffusers, unet_layout, vae_config_from_diffusers, vae_config_to_diffusers, vae_layout)
+from .schedule import ScheduleConfig
+from .stable_diffusion import StableDiffusion, StableDiffusionConfig
+from .text_encoder import TextEncoder
+from .tokenizer import CLIPTokenizer
+from .unet import UNet
+from .vae import AutoencoderKL
+
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+# Single-file entries that are not weights of any model: the training schedule's buffers, EMA bookkeeping.
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+                    "model_ema.decay", "model_ema.num_updates", "logvar")
+
+
+class UnsupportedCheckpoint(CheckpointError):
+    """A readable checkpoint of a model family ldm does not load (yet)."""
+
+
+# --- single files -------------------------------------------------------------------------------
+def detect_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> StableDiffusionConfig:
+    """The model family, from the keys and shapes of an original-layout state dict."""
+    if any(k.startswith("conditioner.embedders.") for k in state_dict):
+        raise UnsupportedCheckpoint(f"{source} is a Stable Diffusion XL checkpoint (conditioner.embedders.*): not supported yet")
+    conv_in = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        prefixes = sorted({k.split(".")[0] for k in state_dict})
+        raise UnsupportedCheckpoint(f"{source} is not a Stable Diffusion checkpoint: no {UNET_PREFIX}input_blocks.0.0.weight; "
+                                    f"top-level names found: {', '.join(prefixes[:12])}")
+    to_k = state_dict.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    context = None if to_k is None else to_k.shape[1]
+    if context == 1024 or any(k.startswith("cond_stage_model.model.") for k in state_dict):
+        raise UnsupportedCheckpoint(f"{source} is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, context 1024): "
+                                    "not supported yet")
+    if context != 768:
+        raise UnsupportedCheckpoint(f"{source}: unknown UNet (cross-attention context width {context}, expected 768 for SD 1.x)")
+    channels = conv_in.shape[1]
+    if channels == 4:
+        return StableDiffusionConfig.sd15()
+    if channels == 9:
+        return StableDiffusionConfig.sd15_inpainting()
+    raise UnsupportedCheckpoint(f"{source}: SD 1.x UNet with {channels} input channels (known: 4, 9 for inpainting)")
+
+
+def single_file_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
+    return {
+        "unet": unet_layout(config.unet, "original").with_prefix(UNET_PREFIX),
+        "vae": vae_layout(config.vae, "original").with_prefix(VAE_PREFIX),
+        "text_encoder": text_encoder_layout(config.text, "transformers").with_prefix(TEXT_PREFIX),
+    }
+
+
+def ema_key(name: str) -> str:
+    """Where the EMA copy of a UNet weight lives: ``model.diffusion_model.a.0.b`` → ``model_ema.diffusion_modela0b``."""
+    return "model_ema." + "".join(name.split(".")[1:])
+
+
+def with_ema_weights(state_dict: dict[str, torch.Tensor], unet: UNet, layout: Layout, source: str) -> dict[str, torch.Tensor]:
+    """The state dict with the UNet's weights replaced by their EMA copies (``model_ema.*``)."""
+    out = dict(state_dict)
+    missing = []
+    for name in foreign_names(unet, layout).values():
+        if ema_key(name) in state_dict:
+            out[name] = state_dict[ema_key(name)]
+        else:
+            missing.append(ema_key(name))
+    if missing:
+        raise CheckpointError(f"{source} has EMA weights but not for every UNet weight (e.g. {missing[0]}); pass ema=False")
+    return out
+
+
+def has_ema(state_dict: dict[str, torch.Tensor]) -> bool:
+    return sum(k.startswith("model_ema.") for k in state_dict) > 100  # a couple of bookkeeping entries do not count
+
+
+def build_models(config: StableDiffusionConfig):
+    with torch.device("meta"):
+        return TextEncoder(config.text), UNet(config.unet), AutoencoderKL(config.vae)
+
+
+def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None = None, ema: bool = True) -> StableDiffusion:
+    """An original-layout file: detect the family (unless ``config`` says), translate and load every component.
+
+    ``ema`` takes the EMA UNet weights when the file has them (they sample better)."""
+    source = str(path)
+    state = load_state_dict_file(path)
+    config = config or detect_config(state, source)
+    text_encoder, unet, vae = build_models(config)
+    layouts = single_file_layouts(config)
+    if ema and has_ema(state):
+        state = with_ema_weights(state, unet, layouts["unet"], source)
+    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+        import_state_dict(model, state, layouts[name], f"{source} ({name})", assign=True)
+    return StableDiffusion(CLIPTokenizer.from_bundled(pad=config.pad), text_encoder, unet, vae, config)
+
+
+def save_single_file(pipe: StableDiffusion, path: str | Path) -> Path:
+    """Write the pipeline as one original-layout ``.safetensors`` file (the layout other UIs load)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"single files are written as .safetensors (never pickles), got {path.name}")
+    layouts = single_file_layouts(pipe.config)
+    state: dict[str, torch.Tensor] = {}
+    for name, model in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
+        state |= export_state_dict(model, layouts[name])
+    _atomic_safetensors({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+# --- diffusers folders ---------------------------------------------------------------------------
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+BIN_NAMES = {"unet": "diffusion_pytorch_model.bin", "vae": "diffusion_pytorch_model.bin", "text_encoder": "pytorch_model.bin"}
+PIPELINE_CLASSES = {"StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline"}
+
+
+def weight_file(folder: Path, component: str, variant: str | None = None) -> Path:
+    """The component's weights: ``.safetensors`` before ``.bin``, the requested variant (e.g. "fp16") first,
+    and a variant file when it is the only one there."""
+    stem = WEIGHT_NAMES[component]
+    names = ([f"{stem}.{variant}.safetensors", BIN_NAMES[component].replace(".bin", f".{variant}.bin")] if variant else [])
+    names += [f"{stem}.safetensors", BIN_NAMES[component]]
+    for name in names:
+        if (folder / component / name).is_file():
+            return folder / component / name
+    others = sorted(p.name for p in (folder / component).glob(f"{stem}*") if p.suffix in (".safetensors", ".bin"))
+    if len(others) == 1:
+        return folder / component / others[0]
+    raise CheckpointError(f"no weights for {component} in {folder / component} (looked for {', '.join(names)}; found {others or 'none'})")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def scheduler_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers ``scheduler_config.json`` → the schedule and the sampler settings of ``StableDiffusionConfig``."""
+    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+    beta = cfg.get("beta_schedule", "linear")
+    if beta not in kinds or cfg.get("trained_betas") is not None:
+        raise UnsupportedCheckpoint(f"scheduler beta_schedule {beta!r} is not supported (known: {', '.join(kinds)})")
+    predictions = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in predictions:
+        raise UnsupportedCheckpoint(f"scheduler prediction_type {prediction!r} is not supported (known: {', '.join(predictions)})")
+    return dict(
+        schedule=ScheduleConfig(kind=kinds[beta], num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+                                beta_start=cfg.get("beta_start", 0.0001), beta_end=cfg.get("beta_end", 0.02),
+                                zero_terminal_snr=cfg.get("rescale_betas_zero_snr", False)),
+        prediction=predictions[prediction], spacing=cfg.get("timestep_spacing"),
+        steps_offset=cfg.get("steps_offset", 0), set_alpha_to_one=cfg.get("set_alpha_to_one", True),
+    )
+
+
+def load_diffusers_folder(folder: str | Path, *, variant: str | None = None) -> StableDiffusion:
+    """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
+    folder = Path(folder)
+    index = read_json(folder / "model_index.json")
+    if index.get("_class_name") not in PIPELINE_CLASSES:
+        raise UnsupportedCheckpoint(f"{folder} holds a {index.get('_class_name')}; supported: {', '.join(sorted(PIPELINE_CLASSES))}")
+    unet_cfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
+    vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+    text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad="zero" if tokenizer.pad_id == 0 else "eos",
+                                   family="diffusers", **scheduler_settings(read_json(folder / "scheduler" / "scheduler_config.json")))
+    text_encoder, unet, vae = build_models(config)
+    layouts = {"unet": unet_layout(unet_cfg, "diffusers"), "vae": vae_layout(vae_cfg, "diffusers"),
+               "text_encoder": text_encoder_layout(text_cfg, "transformers")}
+    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+        path = weight_file(folder, name, variant)
+        import_state_dict(model, load_state_dict_file(path), layouts[name], str(path), assign=True)
+    return StableDiffusion(tokenizer, text_encoder, unet, vae, config)
+
+
+def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
+    """Write the pipeline as a diffusers folder that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads."""
+    folder = Path(folder)
+    c = pipe.config
+    index = {"_class_name": "StableDiffusionInpaintPipeline" if c.inpainting else "StableDiffusionPipeline",
+             "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+    scheduler = {"_class_name": "DDIMScheduler", "num_train_timesteps": c.schedule.num_train_timesteps,
+                 "beta_schedule": kinds[c.schedule.kind], "beta_start": c.schedule.beta_start, "beta_end": c.schedule.beta_end,
+                 "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[c.prediction],
+                 "steps_offset": c.steps_offset, "set_alpha_to_one": c.set_alpha_to_one,
+                 "clip_sample": False, "rescale_betas_zero_snr": c.schedule.zero_terminal_snr}
+    if c.spacing is not None:  # absent: each scheduler class's own default, as when it was read
+        scheduler["timestep_spacing"] = c.spacing
+    configs = {"model_index.json": index, "scheduler/scheduler_config.json": scheduler,
+               "unet/config.json": unet_config_to_diffusers(c.unet), "vae/config.json": vae_config_to_diffusers(c.vae),
+               "text_encoder/config.json": text_encoder_config_to_transformers(c.text)}
+    for name, cfg in configs.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(cfg, indent=2))
+    pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    layouts = {"unet": unet_layout(c.unet, "diffusers"), "vae": vae_layout(c.vae, "diffusers"),
+               "text_encoder": text_encoder_layout(c.text, "transformers")}
+    for name, model in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
+        state = {k: v.contiguous() for k, v in export_state_dict(model, layouts[name]).items()}
+        _atomic_safetensors(state, folder / name / f"{WEIGHT_NAMES[name]}.safetensors")
+    return folder
+
+
+def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
+# --- either ---------------------------------------------------------------------------------------
+def load_pipeline(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  ema: bool = True, variant: str | None = None, config: StableDiffusionConfig | None = None) -> StableDiffusion:
+    """Load Stable Diffusion from a single file (``.safetensors``, ``.ckpt``) or a diffusers folder, ready to sample.
+
+    ``config`` overrides family detection for single files (e.g. a fine-tune saved with another schedule);
+    ``variant`` picks a diffusers weight variant ("fp16"); ``dtype`` is the weights' dtype on ``device``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        pipe = load_diffusers_folder(path, variant=variant)
+    elif path.exists():
+        pipe = load_single_file(path, config=config, ema=ema)
+    else:
+        raise CheckpointError(f"no checkpoint at {path} (expected a .safetensors/.ckpt file or a diffusers folder)")
+    return pipe.to(device=device, dtype=dtype)
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint holds: family, components with parameter counts and dtypes, EMA, unrecognised keys."""
+    path = Path(path)
+    unrecognised: list[str] = []
+    if path.is_dir():
+        pipe = load_diffusers_folder(path)
+        config, ema = pipe.config, False
+        models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+        dtypes = {name: {p.dtype for p in m.parameters()} for name, m in models.items()}
+    else:
+        state = load_state_dict_file(path)
+        config, ema = detect_config(state, str(path)), has_ema(state)
+        models = dict(zip(("text_encoder", "unet", "vae"), build_models(config)))
+        names = {name: foreign_names(m, layout).values() for (name, m), layout in
+                 ((item, single_file_layouts(config)[item[0]]) for item in models.items())}
+        claimed = {n for ns in names.values() for n in ns} | {ema_key(n) for n in names["unet"]}
+        unrecognised = sorted(k for k in state if k not in claimed and k not in SCHEDULE_BUFFERS and not k.endswith("position_ids"))
+        dtypes = {name: {state[n].dtype for n in ns if n in state} for name, ns in names.items()}
+    return {
+        "path": str(path), "format": "diffusers folder" if path.is_dir() else "single file", "family": config.family,
+        "ema": ema, "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+        "dtypes": {name: sorted(str(d).replace("torch.", "") for d in ds) for name, ds in dtypes.items()},
+        "unrecognised": unrecognised, "config": json.loads(json.dumps(asdict(config), default=str)),
+    }

@@ -1,0 +1,224 @@
+"""Stable Diffusion end to end against diffusers' pipelines, with the same tiny random weights in every layout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import CheckpointError
+from ldm.sd_checkpoint import (UnsupportedCheckpoint, detect_config, inspect_checkpoint, load_pipeline, save_diffusers_folder,
+                               save_single_file)
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.reference
+
+SIZE = 32  # pixels; the tiny VAE halves once → 16×16 latents
+
+
+def tiny_components(in_channels=4):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    for model in (unet, vae, text):
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    return unet.eval(), vae.eval(), text.eval()
+
+
+def write_vocab(folder):
+    from ldm.tokenizer import CLIPTokenizer
+
+    CLIPTokenizer.from_bundled().save_pretrained(folder)
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                                      model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A diffusers StableDiffusionPipeline (DDIM, SD 1.5 scheduler settings) saved as a folder."""
+    folder = tmp_path_factory.mktemp("sd")
+    unet, vae, text = tiny_components()
+    tokenizer = write_vocab(folder / "vocab")
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder / "pipe")
+    return pipe, folder / "pipe"
+
+
+def ref_images(pipe, prompt, steps=5, **kw):
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=kw.pop("guidance", 7.5), height=SIZE, width=SIZE,
+               generator=torch.Generator().manual_seed(kw.pop("seed", 0)), output_type="np", **kw).images
+    return torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1
+
+
+def our_images(pipe, prompt, steps=5, **kw):
+    kw.setdefault("sampler", "ddim")
+    records = list(pipe.loop(prompt, num_inference_steps=steps, guidance_scale=kw.pop("guidance", 7.5), width=SIZE,
+                             height=SIZE, **kw))
+    return pipe.decode(records[-1].x_prev)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_components_match_diffusers(reference):
+    ref, folder = reference
+    ours = load_pipeline(folder)
+    prompts = ["a photo of an astronaut riding a horse", ""]
+    ids = ref.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ours.tokenizer(prompts), ids)
+    with torch.no_grad():
+        context = ref.text_encoder(ids)[0]
+        assert rel(ours.text_encoder(ids), context) < 1e-4
+        x, t = torch.randn(2, 4, 16, 16), torch.tensor([1, 999])
+        assert rel(ours.unet(x, t, context), ref.unet(x, t, encoder_hidden_states=context).sample) < 1e-4
+        assert rel(ours.vae.decode(x), ref.vae.decode(x).sample) < 1e-4
+    assert ours.config.spacing == "leading" and ours.config.steps_offset == 1 and not ours.config.set_alpha_to_one
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("ddim", "DDIMScheduler"), ("dpm++2m", "DPMSolverMultistepScheduler"),
+                                                ("euler_a", "EulerAncestralDiscreteScheduler")])
+def test_text_to_image_matches_diffusers(reference, sampler, scheduler):
+    ref, folder = reference
+    ours = load_pipeline(folder)
+    ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    prompts = ["a red cube on a table", "a watercolour of a fox"]
+    expected = ref_images(ref, prompts, negative_prompt=["blurry", ""])
+    got = our_images(ours, prompts, negative_prompt=["blurry", ""], sampler=sampler)
+    assert (got - expected).abs().max() < 2e-3
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+
+
+def test_single_files_safetensors_ckpt_and_ema(reference, tmp_path):
+    _, folder = reference
+    pipe = load_pipeline(folder)
+    single = save_single_file(pipe, tmp_path / "model.safetensors")
+    # tiny models are no real family, so their single files load with the folder's config
+    loaded = load_pipeline(single, config=pipe.config)
+    expected = our_images(pipe, "a lighthouse")
+    assert torch.equal(our_images(loaded, "a lighthouse"), expected)
+    # the .ckpt layout: a pickle of {"state_dict": ..., plus metadata}, with EMA copies of the UNet under model_ema.*
+    from safetensors.torch import load_file
+
+    state = load_file(single)
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v + 0.01 for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    torch.save({"state_dict": state | ema | {"model_ema.decay": torch.tensor(0.9999)}, "global_step": 3}, tmp_path / "m.ckpt")
+    raw = load_pipeline(tmp_path / "m.ckpt", config=pipe.config, ema=False)
+    assert torch.equal(our_images(raw, "a lighthouse"), expected)
+    averaged = load_pipeline(tmp_path / "m.ckpt", config=pipe.config)
+    key = next(iter(averaged.unet.state_dict()))
+    assert torch.allclose(averaged.unet.state_dict()[key], pipe.unet.state_dict()[key] + 0.01)
+
+
+def test_diffusers_loads_what_ldm_writes(reference, tmp_path):
+    ref, folder = reference
+    pipe = load_pipeline(folder)
+    out = save_diffusers_folder(pipe, tmp_path / "written")
+    again = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    again.set_progress_bar_config(disable=True)
+    assert type(again.scheduler).__name__ == "DDIMScheduler"
+    assert (ref_images(again, "a lighthouse") - ref_images(ref, "a lighthouse")).abs().max() < 1e-5
+    assert torch.equal(load_pipeline(out).tokenizer(["a b c"]), pipe.tokenizer(["a b c"]))
+
+
+def test_img2img_matches_diffusers(reference):
+    ref, folder = reference
+    ours = load_pipeline(folder)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
+    expected = torch.from_numpy(img2img("a house", image=image, strength=0.6, num_inference_steps=5, output_type="np",
+                                        generator=torch.Generator().manual_seed(0)).images).permute(0, 3, 1, 2) * 2 - 1
+    got = our_images(ours, "a house", image=image, strength=0.6)
+    assert (got - expected).abs().max() < 2e-3
+
+
+def test_inpainting_matches_diffusers(tmp_path):
+    unet, vae, text = tiny_components(in_channels=9)
+    tokenizer = write_vocab(tmp_path / "vocab")
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                        set_alpha_to_one=False, steps_offset=1)
+    ref = diffusers.StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(tmp_path / "pipe")
+    ours = load_pipeline(tmp_path / "pipe")
+    assert ours.config.inpainting
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
+    mask = Image.fromarray(np.where(np.arange(SIZE)[None, :] < SIZE // 2, 255, 0).repeat(SIZE, 0).astype(np.uint8))
+    expected = torch.from_numpy(ref("a cat", image=image, mask_image=mask, num_inference_steps=5, height=SIZE, width=SIZE,
+                                    output_type="np", generator=torch.Generator().manual_seed(0)).images)
+    got = our_images(ours, "a cat", image=image, mask=mask)
+    assert (got - (expected.permute(0, 3, 1, 2) * 2 - 1)).abs().max() < 2e-3
+    with pytest.raises(ValueError, match="inpainting model"):
+        our_images(ours, "a cat")
+
+
+def test_bad_input_is_named(reference, tmp_path):
+    _, folder = reference
+    pipe = load_pipeline(folder)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipe("a cat", width=33, height=32, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="empty prompt"):
+        pipe("  ", num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        pipe.img2img(Image.new("RGB", (SIZE, SIZE)), "a cat", strength=1.5)
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        pipe("a cat", sampler="plms", width=SIZE, height=SIZE)
+    with pytest.raises(ValueError, match="inpainting checkpoint"):
+        pipe.inpaint(Image.new("RGB", (SIZE, SIZE)), Image.new("L", (SIZE, SIZE)), "a cat")
+    with pytest.raises(ValueError, match="image is 16×16 but the output is 32×32"):
+        our_images(pipe, "a cat", image=Image.new("RGB", (16, 16)), strength=0.5)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_pipeline(tmp_path / "nothing.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_pipeline(tmp_path / "cut.safetensors")
+
+
+def test_family_detection_names_what_it_found():
+    four = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768)}
+    assert detect_config(four).family == "sd1"
+    nine = four | {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}
+    assert detect_config(nine).inpainting
+    sd2 = four | {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)}
+    with pytest.raises(UnsupportedCheckpoint, match="Stable Diffusion 2"):
+        detect_config(sd2)
+    with pytest.raises(UnsupportedCheckpoint, match="XL"):
+        detect_config({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(1)})
+    with pytest.raises(UnsupportedCheckpoint, match="top-level names found: encoder, features"):
+        detect_config({"encoder.weight": torch.zeros(1), "features.0.weight": torch.zeros(1)})
+
+
+def test_inspect_reports_components_and_unknown_keys(reference, tmp_path):
+    _, folder = reference
+    pipe = load_pipeline(folder)
+    state = {k: v for k, v in inspect_checkpoint(folder)["parameters"].items()}
+    assert state == {"unet": sum(p.numel() for p in pipe.unet.parameters()), "vae": sum(p.numel() for p in pipe.vae.parameters()),
+                     "text_encoder": sum(p.numel() for p in pipe.text_encoder.parameters())}
+    from ldm.cli import main
+
+    out = tmp_path / "img.png"
+    main(["convert", str(folder), str(tmp_path / "single.safetensors")])
+    assert (tmp_path / "single.safetensors").is_file()
+    main(["txt2img", "--checkpoint", str(folder), "--prompt", "a cat", "--steps", "2", "--width", str(SIZE),
+          "--height", str(SIZE), "--out", str(out)])
+    assert Image.open(out).size == (SIZE, SIZE)
+    assert json.loads(json.dumps(inspect_checkpoint(folder)))["format"] == "diffusers folder"
