@@ -11,17 +11,33 @@ from .blocks import zero_init
 
 
 def multihead_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """softmax(Q Kᵀ / √d) V per head  [Vaswani et al. 2017, Eq. 1], via ``F.scaled_dot_product_attention``.
 
     Shapes: q (B, L, D), k and v (B, S, D) with D = heads · d; mask (B, S) bool, True = attend.
-    Returns (B, L, D).
+    Returns (B, L, D). ``chunk`` attends that many queries at a time ("sliced attention"): rows of the
+    softmax are independent, so the result is the same, while a backend that materialises the
+    L × S score matrix holds only chunk × S of it — for large images.
     """
     q, k, v = (rearrange(x, "b l (h d) -> b h l d", h=heads) for x in (q, k, v))
     attn_mask = mask[:, None, None, :] if mask is not None else None
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if chunk is None or chunk >= q.shape[2]:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, attn_mask=attn_mask)
+                         for i in range(0, q.shape[2], chunk)], dim=2)
     return rearrange(out, "b h l d -> b l (h d)")
+
+
+def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
+    """Make every attention layer in ``model`` attend ``chunk`` queries at a time (None: all at once)."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"attention chunk must be >= 1 or None, got {chunk}")
+    for module in model.modules():
+        if isinstance(module, (SelfAttentionBlock, CrossAttention)):
+            module.chunk = chunk
 
 
 class SelfAttentionBlock(nn.Module):
@@ -41,11 +57,12 @@ class SelfAttentionBlock(nn.Module):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = zero_init(nn.Linear(channels, channels))
+        self.chunk: int | None = None  # see set_attention_chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, H, W = x.shape
         h = rearrange(self.norm(x), "b c h w -> b (h w) c")
-        h = multihead_attention(self.to_q(h), self.to_k(h), self.to_v(h), self.heads)
+        h = multihead_attention(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, chunk=self.chunk)
         return x + rearrange(self.to_out(h), "b (h w) c -> b c h w", h=H, w=W)
 
 
@@ -65,10 +82,12 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        self.chunk: int | None = None  # see set_attention_chunk
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask))
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out(multihead_attention(q, k, v, self.heads, mask, self.chunk))
 
 
 class GEGLU(nn.Module):

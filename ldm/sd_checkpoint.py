@@ -261,8 +261,10 @@ def load_pipeline(path: str | Path, *, device: str | torch.device = "cpu", dtype
     return pipe.to(device=device, dtype=dtype)
 
 
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """What a checkpoint holds: family, components with parameter counts and dtypes, EMA, unrecognised keys."""
+def inspect_checkpoint(path: str | Path, config: StableDiffusionConfig | None = None) -> dict[str, Any]:
+    """What a checkpoint holds: family, components with parameter counts and dtypes, EMA, unrecognised keys.
+
+    ``config`` skips family detection for single files, as in ``load_pipeline``."""
     path = Path(path)
     unrecognised: list[str] = []
     if path.is_dir():
@@ -272,7 +274,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         dtypes = {name: {p.dtype for p in m.parameters()} for name, m in models.items()}
     else:
         state = load_state_dict_file(path)
-        config, ema = detect_config(state, str(path)), has_ema(state)
+        config, ema = config or detect_config(state, str(path)), has_ema(state)
         models = dict(zip(("text_encoder", "unet", "vae"), build_models(config)))
         names = {name: foreign_names(m, layout).values() for (name, m), layout in
                  ((item, single_file_layouts(config)[item[0]]) for item in models.items())}

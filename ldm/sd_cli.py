@@ -24,6 +24,8 @@ def load(args: argparse.Namespace):
     pipe = load_pipeline(args.checkpoint, device=device, dtype=dtype, ema=not args.raw_weights, variant=args.variant)
     if args.autocast:
         pipe.autocast = torch.bfloat16
+    if args.attention_slice:
+        pipe.enable_attention_slicing(args.attention_slice)
     return pipe
 
 
@@ -113,6 +115,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png (decoded x̂0 over the steps)")
         p.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default fp16 on CUDA, fp32 on CPU)")
         p.add_argument("--autocast", action="store_true", help="run the UNet under bf16 autocast (fast on CPUs with bf16)")
+        p.add_argument("--attention-slice", type=int, help="attend this many positions at a time (less memory)")
         p.add_argument("--vae-tile", type=int, help="decode in tiles of this many latent pixels (large images, less memory)")
         p.add_argument("--variant", help="diffusers weight variant to prefer, e.g. fp16")
         p.add_argument("--raw-weights", action="store_true", help="single files: the non-EMA UNet weights")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .attention import set_attention_chunk
 from .diffusion import Prediction, q_sample
 from .images import to_uint8
 from .samplers import DEFAULT_SPACING, StepRecord, classifier_free_guidance, get_sampler, randn, sampler_timesteps
@@ -106,6 +107,12 @@ class StableDiffusion:
             model.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=torch.float32 if dtype == torch.float16 else dtype)
         return self
+
+    def enable_attention_slicing(self, chunk: int | None = 1024) -> None:
+        """Attend ``chunk`` image positions at a time in the UNet and VAE (None turns it off): same images,
+        less peak memory on backends whose attention materialises the score matrix."""
+        for model in (self.unet, self.vae):
+            set_attention_chunk(model, chunk)
 
     def _autocast(self):
         if self.autocast is None:
@@ -208,8 +215,11 @@ class StableDiffusion:
         image + strength (img2img), image + mask (inpainting), latents (x_T).
         """
         records = self.loop(prompt, negative_prompt, **options)
+        steps = options.get("num_inference_steps", 25)
+        if options.get("image") is not None and options.get("strength", 1.0) < 1.0:
+            steps = int(steps * options["strength"])  # img2img runs only the tail of the steps
         record = None
-        for record in tqdm(records, total=options.get("num_inference_steps", 25), disable=not progress, desc="denoise"):
+        for record in tqdm(records, total=steps, disable=not progress, desc="denoise"):
             pass
         return self.to_pil(self.decode(record.x_prev))
 
@@ -227,16 +237,16 @@ class StableDiffusion:
         return self(prompt, image=image, mask=mask, **{"width": width, "height": height} | options)
 
     # --- images ↔ latents -------------------------------------------------------------------------
-    def image_tensor(self, image: ImageInput, width: int, height: int, channels: int = 3) -> torch.Tensor:
+    def image_tensor(self, image: ImageInput, width: int, height: int, channels: int = 3, what: str = "image") -> torch.Tensor:
         """A PIL image or a (B, C, H, W) tensor in [−1, 1] → a float32 tensor on the pipeline's device, checked for size."""
         if isinstance(image, Image.Image):
             image = image.convert("RGB" if channels == 3 else "L")
             array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, channels)
             image = array.permute(2, 0, 1)[None].float() / 127.5 - 1
         if image.dim() != 4 or image.shape[1] != channels:
-            raise ValueError(f"expected an image tensor of shape (B, {channels}, H, W) in [-1, 1], got {tuple(image.shape)}")
+            raise ValueError(f"expected a {what} tensor of shape (B, {channels}, H, W) in [-1, 1], got {tuple(image.shape)}")
         if image.shape[-2:] != (height, width):
-            raise ValueError(f"image is {image.shape[-1]}×{image.shape[-2]} but the output is {width}×{height}")
+            raise ValueError(f"{what} is {image.shape[-1]}×{image.shape[-2]} but the output is {width}×{height}")
         return image.to(self.device, torch.float32)
 
     @torch.inference_mode()
@@ -262,7 +272,7 @@ class StableDiffusion:
         n, _, h, w = shape
         f = self.vae.config.downsample_factor
         pixels = self.image_tensor(image, w * f, h * f)
-        m = (self.image_tensor(mask, w * f, h * f, channels=1) + 1) / 2
+        m = (self.image_tensor(mask, w * f, h * f, channels=1, what="mask") + 1) / 2
         if m.shape[0] not in (1, n) or pixels.shape[0] not in (1, n):
             raise ValueError(f"got {pixels.shape[0]} images and {m.shape[0]} masks for {n} outputs")
         m = (m >= 0.5).float()

@@ -127,3 +127,20 @@ def test_sd15_preset_has_the_published_size_and_names():
                 "middle_block.1.proj_in.weight", "input_blocks.9.0.op.weight", "output_blocks.8.2.conv.weight",
                 "time_embed.2.bias", "out.2.weight", "input_blocks.4.0.emb_layers.1.weight"):
         assert key in names, key
+
+
+@pytest.mark.slow
+def test_sd15_unet_at_full_size_matches_diffusers():
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2).eval()
+    config = unet_config_from_diffusers(dict(ref.config))
+    assert config == UNetConfig.sd15()
+    with torch.device("meta"):
+        ours = UNet(config)
+    import_state_dict(ours, ref.state_dict(), unet_layout(config, "diffusers"), "diffusers UNet", assign=True)
+    x, t, ctx = torch.randn(2, 4, 32, 40), torch.tensor([1, 999]), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        assert rel(ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample) < 1e-4

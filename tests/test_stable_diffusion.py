@@ -222,3 +222,72 @@ def test_inspect_reports_components_and_unknown_keys(reference, tmp_path):
           "--height", str(SIZE), "--out", str(out)])
     assert Image.open(out).size == (SIZE, SIZE)
     assert json.loads(json.dumps(inspect_checkpoint(folder)))["format"] == "diffusers folder"
+
+
+def test_spacing_absent_from_the_config_means_each_samplers_default(reference):
+    _, folder = reference
+    pipe = load_pipeline(folder)
+    pipe.config = pipe.config.with_(spacing=None)  # as SD 1.5's scheduler_config.json, which has no timestep_spacing
+    assert pipe.sampler_options("ddim")["spacing"] == "leading"
+    assert pipe.sampler_options("dpm++2m")["spacing"] == pipe.sampler_options("euler_a")["spacing"] == "linspace"
+
+
+def test_attention_slicing_and_vae_tiles_keep_the_image(reference):
+    _, folder = reference
+    pipe = load_pipeline(folder)
+    records = list(pipe.loop("a lighthouse", num_inference_steps=2, width=SIZE, height=SIZE, sampler="ddim"))
+    pipe.enable_attention_slicing(5)
+    sliced = list(pipe.loop("a lighthouse", num_inference_steps=2, width=SIZE, height=SIZE, sampler="ddim"))
+    assert torch.allclose(sliced[-1].x_prev, records[-1].x_prev, atol=1e-5)
+    assert pipe.decode(records[-1].x_prev, tile=8).shape == (1, 3, SIZE, SIZE)
+
+
+def test_inspect_single_file_names_ema_and_unknown_keys(reference, tmp_path):
+    _, folder = reference
+    pipe = load_pipeline(folder)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(save_single_file(pipe, tmp_path / "m.safetensors"))
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v.clone() for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    extra = {"betas": torch.zeros(1000), "model_ema.decay": torch.tensor(0.9), "lora_unet_down.alpha": torch.tensor(1.0)}
+    save_file(state | ema | extra, tmp_path / "ema.safetensors")
+    report = inspect_checkpoint(tmp_path / "ema.safetensors", config=pipe.config)
+    assert report["ema"] and report["unrecognised"] == ["lora_unet_down.alpha"]
+    assert report["dtypes"]["unet"] == ["float32"]
+    assert report["parameters"]["text_encoder"] == sum(p.numel() for p in pipe.text_encoder.parameters())
+
+
+def test_folder_with_fp16_variant_and_bin_weights(reference, tmp_path):
+    import shutil
+
+    _, folder = reference
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    from safetensors.torch import load_file, save_file
+
+    unet = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(unet).items()}, copy / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    unet.unlink()  # only the variant is left: it is taken
+    text = copy / "text_encoder" / "model.safetensors"
+    torch.save(load_file(text), copy / "text_encoder" / "pytorch_model.bin")
+    text.unlink()
+    pipe = load_pipeline(copy, variant="fp16")
+    assert pipe.dtype == torch.float32  # the requested dtype, whatever the file's
+    original = load_pipeline(folder)
+    key = "conv_in.weight"
+    assert torch.equal(pipe.unet.state_dict()[key], original.unet.state_dict()[key].half().float())
+    assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), original.text_encoder.parameters()))
+    (copy / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights for vae"):
+        load_pipeline(copy)
+
+
+def test_mask_of_the_wrong_size_is_named(tmp_path):
+    unet, vae, text = tiny_components(in_channels=9)
+    tokenizer = write_vocab(tmp_path / "vocab")
+    ref = diffusers.StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                                   scheduler=diffusers.DDIMScheduler(), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    ref.save_pretrained(tmp_path / "pipe")
+    pipe = load_pipeline(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="mask is 16×16 but the output is 32×32"):
+        pipe.inpaint(Image.new("RGB", (SIZE, SIZE)), Image.new("L", (16, 16)), "a cat", num_inference_steps=1)

@@ -174,3 +174,15 @@ def test_parity_with_diffusers_unet2d_ddpm_layout():
     with torch.no_grad():
         expected, got = ref(x, t).sample, ours(x, t)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_attention_in_chunks_equals_attention_at_once():
+    from ldm.attention import set_attention_chunk
+
+    model = randomise(UNet(TINY.with_(context_dim=12)))
+    x, t, ctx = torch.randn(2, 1, 16, 16), torch.tensor([5, 700]), torch.randn(2, 3, 12)
+    whole = model(x, t, ctx)
+    set_attention_chunk(model, 7)  # 64 positions at the attention level: uneven chunks on purpose
+    assert torch.allclose(model(x, t, ctx), whole, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        set_attention_chunk(model, 0)
