@@ -47,7 +47,7 @@ def generate(args: argparse.Namespace, extra: list[str]) -> None:
             options["mask"] = mask
     start = time.perf_counter()
     records = []
-    for record in tqdm(pipe.loop(args.prompt, **options), total=args.steps, desc="denoise"):
+    for record in tqdm(pipe.loop(args.prompt, **options), total=pipe.steps_run(**options), desc="denoise"):
         if args.trajectory:
             records.append(record.x0_pred)
     images = pipe.to_pil(pipe.decode(record.x_prev, tile=args.vae_tile))

@@ -214,14 +214,16 @@ class StableDiffusion:
         sampler ("dpm++2m", "euler_a", "euler", "ddim", "ddpm"), seed, num_images_per_prompt,
         image + strength (img2img), image + mask (inpainting), latents (x_T).
         """
-        records = self.loop(prompt, negative_prompt, **options)
-        steps = options.get("num_inference_steps", 25)
-        if options.get("image") is not None and options.get("strength", 1.0) < 1.0:
-            steps = int(steps * options["strength"])  # img2img runs only the tail of the steps
         record = None
-        for record in tqdm(records, total=steps, disable=not progress, desc="denoise"):
+        for record in tqdm(self.loop(prompt, negative_prompt, **options), total=self.steps_run(**options),
+                           disable=not progress, desc="denoise"):
             pass
         return self.to_pil(self.decode(record.x_prev))
+
+    @staticmethod
+    def steps_run(num_inference_steps: int = 25, strength: float = 1.0, image: ImageInput | None = None, **_) -> int:
+        """How many steps ``loop`` runs with these options: img2img runs only the last strength · S."""
+        return int(num_inference_steps * strength) if image is not None and strength < 1.0 else num_inference_steps
 
     def img2img(self, image: ImageInput, prompt: Prompt, *, strength: float = 0.75, **options) -> list[Image.Image]:
         """Redraw ``image`` following ``prompt``: strength 0 keeps it, 1 ignores it."""

@@ -291,3 +291,21 @@ def test_mask_of_the_wrong_size_is_named(tmp_path):
     pipe = load_pipeline(tmp_path / "pipe")
     with pytest.raises(ValueError, match="mask is 16×16 but the output is 32×32"):
         pipe.inpaint(Image.new("RGB", (SIZE, SIZE)), Image.new("L", (16, 16)), "a cat", num_inference_steps=1)
+
+
+def test_cli_img2img_with_trajectory_and_inspect_output(reference, tmp_path, capsys):
+    _, folder = reference
+    from ldm.cli import main
+
+    Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(tmp_path / "in.png")
+    main(["img2img", "--checkpoint", str(folder), "--image", str(tmp_path / "in.png"), "--prompt", "a cat",
+          "--strength", "0.5", "--steps", "4", "--sampler", "euler_a", "--trajectory", "--out", str(tmp_path / "out.png")])
+    assert Image.open(tmp_path / "out.png").size == (SIZE, SIZE)
+    assert (tmp_path / "out_trajectory.png").is_file()
+    main(["inspect", str(folder)])
+    out = capsys.readouterr().out
+    assert "diffusers folder" in out and "unet" in out and "float32" in out
+    with pytest.raises(SystemExit):
+        main(["txt2img", "--checkpoint", str(folder), "--prompt", "a cat", "--width", "31", "--steps", "1",
+              "--out", str(tmp_path / "x.png")])
+    assert "multiples of 2" in capsys.readouterr().err
