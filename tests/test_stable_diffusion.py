@@ -309,3 +309,30 @@ def test_cli_img2img_with_trajectory_and_inspect_output(reference, tmp_path, cap
         main(["txt2img", "--checkpoint", str(folder), "--prompt", "a cat", "--width", "31", "--steps", "1",
               "--out", str(tmp_path / "x.png")])
     assert "multiples of 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_size_sd15_single_file_is_detected_loaded_and_sampled(tmp_path):
+    """A random-weight SD 1.5 at full size, written as an original-layout fp16 file the size of the public one,
+    then read back the way a downloaded checkpoint is: family detection, EMA-less import on the meta device."""
+    from ldm.stable_diffusion import StableDiffusion, StableDiffusionConfig
+    from ldm.text_encoder import TextEncoder
+    from ldm.tokenizer import CLIPTokenizer
+    from ldm.unet import UNet
+    from ldm.vae import AutoencoderKL
+
+    config = StableDiffusionConfig.sd15()
+    torch.manual_seed(0)
+    pipe = StableDiffusion(CLIPTokenizer.from_bundled(), TextEncoder(config.text), UNet(config.unet), AutoencoderKL(config.vae),
+                           config).to(dtype=torch.float16)
+    path = save_single_file(pipe, tmp_path / "sd15.safetensors")
+    # fp16 text encoder and UNet, fp32 VAE (kept so by .to(float16)): 2 · 982.6 M + 4 · 83.7 M bytes
+    assert path.stat().st_size == pytest.approx(2 * (123_060_480 + 859_520_964) + 4 * 83_653_863, rel=1e-3)
+    report = inspect_checkpoint(path)
+    assert report["family"] == "sd1" and report["unrecognised"] == [] and report["dtypes"]["unet"] == ["float16"]
+    assert report["parameters"] == {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863}
+    loaded = load_pipeline(path)
+    assert loaded.dtype == torch.float32
+    assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight.float())
+    images = loaded("a lighthouse", width=128, height=128, num_inference_steps=2, progress=False)
+    assert images[0].size == (128, 128)

@@ -76,6 +76,9 @@ def unet_layout(config: UNetConfig, fmt: Format) -> Layout:
 
 def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     """Read a diffusers ``unet/config.json`` (``UNet2DModel`` or ``UNet2DConditionModel``) into a ``UNetConfig``."""
+    for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
+        if cfg.get(option) is not None:  # SDXL's size/text-time embedding and relatives
+            raise ValueError(f"diffusers UNet option {option}={cfg[option]!r} is not supported yet")
     widths = list(cfg["block_out_channels"])
     base = widths[0]
     if any(w % base for w in widths):
