@@ -22,10 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, load_state_dict_file
-from .convert import (Layout, export_state_dict, foreign_names, import_state_dict, take_prefix, text_encoder_config_from_transformers,
+from .convert import (Layout, scheduler_from_diffusers, export_state_dict, foreign_names, import_state_dict, take_prefix, text_encoder_config_from_transformers,
                       text_encoder_config_to_transformers, text_encoder_layout, unet_config_from_diffusers,
                       unet_config_to_diffusers, unet_layout, vae_config_from_diffusers, vae_config_to_diffusers, vae_layout)
-from .schedule import ScheduleConfig
 from .stable_diffusion import StableDiffusion, StableDiffusionConfig
 from .text_encoder import TextEncoder
 from .tokenizer import CLIPTokenizer
@@ -164,25 +163,6 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
-def scheduler_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers ``scheduler_config.json`` → the schedule and the sampler settings of ``StableDiffusionConfig``."""
-    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
-    beta = cfg.get("beta_schedule", "linear")
-    if beta not in kinds or cfg.get("trained_betas") is not None:
-        raise UnsupportedCheckpoint(f"scheduler beta_schedule {beta!r} is not supported (known: {', '.join(kinds)})")
-    predictions = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-    prediction = cfg.get("prediction_type", "epsilon")
-    if prediction not in predictions:
-        raise UnsupportedCheckpoint(f"scheduler prediction_type {prediction!r} is not supported (known: {', '.join(predictions)})")
-    return dict(
-        schedule=ScheduleConfig(kind=kinds[beta], num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-                                beta_start=cfg.get("beta_start", 0.0001), beta_end=cfg.get("beta_end", 0.02),
-                                zero_terminal_snr=cfg.get("rescale_betas_zero_snr", False)),
-        prediction=predictions[prediction], spacing=cfg.get("timestep_spacing"),
-        steps_offset=cfg.get("steps_offset", 0), set_alpha_to_one=cfg.get("set_alpha_to_one", True),
-    )
-
-
 def load_diffusers_folder(folder: str | Path, *, variant: str | None = None) -> StableDiffusion:
     """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
     folder = Path(folder)
@@ -194,7 +174,7 @@ def load_diffusers_folder(folder: str | Path, *, variant: str | None = None) -> 
     text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad="zero" if tokenizer.pad_id == 0 else "eos",
-                                   family="diffusers", **scheduler_settings(read_json(folder / "scheduler" / "scheduler_config.json")))
+                                   family="diffusers", **scheduler_from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json")))
     text_encoder, unet, vae = build_models(config)
     layouts = {"unet": unet_layout(unet_cfg, "diffusers"), "vae": vae_layout(vae_cfg, "diffusers"),
                "text_encoder": text_encoder_layout(text_cfg, "transformers")}
