@@ -71,6 +71,7 @@ class _Inert:
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors in a weight file, on CPU: ``.safetensors``, or a torch pickle (``.ckpt``, ``.pt``, ``.pth``, ``.bin``).
+    ``load_weight_file`` also returns the file's metadata.
 
     A nested ``state_dict`` (original Stable Diffusion ``.ckpt`` files) is unwrapped; non-tensor entries are dropped.
 
@@ -80,6 +81,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     training metadata some public files carry (``_INERT_PREFIXES``, ``_INERT_NAMES``) is bound to an
     inert stand-in, never imported; any other global is refused by name. safetensors holds no code.
     """
+    return load_weight_file(path)[0]
+
+
+def load_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of a weight file, read as ``load_state_dict_file`` does. Metadata: a safetensors
+    header's ``__metadata__`` strings, or a pickle's top-level numbers and strings (e.g. ``global_step``)."""
     path = _existing_file(path, "weight file")
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_FILE_SUFFIXES:
@@ -88,17 +95,20 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if suffix == ".safetensors":
         try:
             obj = safetensors.torch.load_file(path, device="cpu")
+            with safetensors.safe_open(path, "pt") as f:
+                metadata: dict[str, Any] = dict(f.metadata() or {})
         except Exception as e:  # SafetensorError: header too large / too small / file not fully covered …
             raise CheckpointError(f"cannot read {path} (truncated or corrupt safetensors file): {e}") from e
     else:
         obj = _load_pickled_weights(path)
+        metadata = {k: v for k, v in obj.items() if isinstance(v, (int, float, str))} if isinstance(obj, dict) else {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     items = obj.items() if isinstance(obj, dict) else ()
     tensors = {k: v for k, v in items if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors (it holds a {type(obj).__name__})")
-    return tensors
+    return tensors, metadata
 
 
 def _load_pickled_weights(path: Path) -> Any:

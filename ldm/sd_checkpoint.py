@@ -14,6 +14,7 @@ tensors, so nothing is initialised only to be overwritten. Pickled files go thro
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,18 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, load_state_dict_file
-from .convert import (Layout, scheduler_from_diffusers, export_state_dict, foreign_names, import_state_dict, take_prefix, text_encoder_config_from_transformers,
+from .checkpoint import CheckpointError, load_state_dict_file, load_weight_file
+from .convert import (Layout, from_openclip, scheduler_from_diffusers, to_openclip, export_state_dict, foreign_names, import_state_dict, take_prefix, text_encoder_config_from_transformers,
                       text_encoder_config_to_transformers, text_encoder_layout, unet_config_from_diffusers,
                       unet_config_to_diffusers, unet_layout, vae_config_from_diffusers, vae_config_to_diffusers, vae_layout)
 from .stable_diffusion import StableDiffusion, StableDiffusionConfig
 from .text_encoder import TextEncoder
 from .tokenizer import CLIPTokenizer
-from .unet import UNet
+from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2: OpenCLIP's own names, q/k/v fused
 # Single-file entries that are not weights of any model: the training schedule's buffers, EMA bookkeeping.
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
                     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -45,34 +47,56 @@ class UnsupportedCheckpoint(CheckpointError):
 
 # --- single files -------------------------------------------------------------------------------
 def detect_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> StableDiffusionConfig:
-    """The model family, from the keys and shapes of an original-layout state dict."""
+    """The model family, from the keys and shapes of an original-layout state dict.
+
+    SD 2's prediction type (ε or v) is not in the weights: this returns v, as diffusers assumes;
+    ``choose_prediction`` refines it from the file's metadata."""
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
         raise UnsupportedCheckpoint(f"{source} is a Stable Diffusion XL checkpoint (conditioner.embedders.*): not supported yet")
     conv_in = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         prefixes = sorted({k.split(".")[0] for k in state_dict})
         raise UnsupportedCheckpoint(f"{source} is not a Stable Diffusion checkpoint: no {UNET_PREFIX}input_blocks.0.0.weight; "
-                                    f"top-level names found: {', '.join(prefixes[:12])}")
+                                    f"top-level names found: {', '.join(prefixes[:12])}; known families: SD 1.x, SD 2.x")
     to_k = state_dict.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     context = None if to_k is None else to_k.shape[1]
-    if context == 1024 or any(k.startswith("cond_stage_model.model.") for k in state_dict):
-        raise UnsupportedCheckpoint(f"{source} is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, context 1024): "
-                                    "not supported yet")
-    if context != 768:
-        raise UnsupportedCheckpoint(f"{source}: unknown UNet (cross-attention context width {context}, expected 768 for SD 1.x)")
     channels = conv_in.shape[1]
-    if channels == 4:
-        return StableDiffusionConfig.sd15()
-    if channels == 9:
-        return StableDiffusionConfig.sd15_inpainting()
-    raise UnsupportedCheckpoint(f"{source}: SD 1.x UNet with {channels} input channels (known: 4, 9 for inpainting)")
+    if channels not in (4, 9):
+        raise UnsupportedCheckpoint(f"{source}: UNet with {channels} input channels (known: 4, and 9 for inpainting)")
+    if context == 768:
+        return StableDiffusionConfig.sd15() if channels == 4 else StableDiffusionConfig.sd15_inpainting()
+    if context == 1024:
+        return StableDiffusionConfig.sd2(in_channels=channels)
+    raise UnsupportedCheckpoint(f"{source}: unknown UNet (cross-attention context width {context}; "
+                                "768 is SD 1.x, 1024 is SD 2.x)")
+
+
+def choose_prediction(config: StableDiffusionConfig, state: dict[str, torch.Tensor], metadata: dict[str, Any],
+                      override: str | None) -> tuple[str, str]:
+    """(prediction, why): the user's choice, else what the file says, else the family's default."""
+    if override is not None:
+        return override, "set by the caller"
+    if not config.family.startswith("sd2"):
+        return config.prediction, f"{config.family} models predict ε"
+    if "v_pred" in state:  # a marker tensor some training tools add
+        return "v", "the file's v_pred marker"
+    declared = str(metadata.get("modelspec.prediction_type", "")).lower()
+    if declared in ("v", "v_prediction", "epsilon", "eps"):
+        return ("v" if declared.startswith("v") else "eps"), f"the file's modelspec.prediction_type={declared!r}"
+    if metadata.get("global_step") == 875000:
+        return "eps", "global_step 875000, the 2-base release"
+    if config.inpainting:
+        return "eps", "the SD 2 inpainting model predicts ε"
+    return "v", "SD 2 default (the 768 models); pass prediction='eps' (--prediction eps) for 2-base"
 
 
 def single_file_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
+    sd2 = config.family.startswith("sd2")
+    text = text_encoder_layout(config.text, "openclip" if sd2 else "transformers")
     return {
         "unet": unet_layout(config.unet, "original").with_prefix(UNET_PREFIX),
         "vae": vae_layout(config.vae, "original").with_prefix(VAE_PREFIX),
-        "text_encoder": text_encoder_layout(config.text, "transformers").with_prefix(TEXT_PREFIX),
+        "text_encoder": text.with_prefix(OPENCLIP_PREFIX if sd2 else TEXT_PREFIX),
     }
 
 
@@ -104,20 +128,28 @@ def build_models(config: StableDiffusionConfig):
         return TextEncoder(config.text), UNet(config.unet), AutoencoderKL(config.vae)
 
 
-def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None = None, ema: bool = True) -> StableDiffusion:
+def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None = None, ema: bool = True,
+                     prediction: str | None = None) -> StableDiffusion:
     """An original-layout file: detect the family (unless ``config`` says), translate and load every component.
 
-    ``ema`` takes the EMA UNet weights when the file has them (they sample better)."""
+    ``ema`` takes the EMA UNet weights when the file has them (they sample better); ``prediction``
+    overrides the ε/v choice, which ``pipe.notes`` explains."""
     source = str(path)
-    state = load_state_dict_file(path)
+    state, metadata = load_weight_file(path)
     config = config or detect_config(state, source)
+    chosen, why = choose_prediction(config, state, metadata, prediction)
+    config = config.with_(prediction=chosen)
     text_encoder, unet, vae = build_models(config)
     layouts = single_file_layouts(config)
     if ema and has_ema(state):
         state = with_ema_weights(state, unet, layouts["unet"], source)
+    if config.family.startswith("sd2"):
+        state = from_openclip(state)
     for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
         import_state_dict(model, state, layouts[name], f"{source} ({name})", assign=True)
-    return StableDiffusion(CLIPTokenizer.from_bundled(pad=config.pad), text_encoder, unet, vae, config)
+    pipe = StableDiffusion(CLIPTokenizer.from_bundled(pad=config.pad), text_encoder, unet, vae, config)
+    pipe.notes.append(f"prediction: {chosen} ({why})")
+    return pipe
 
 
 def save_single_file(pipe: StableDiffusion, path: str | Path) -> Path:
@@ -125,10 +157,15 @@ def save_single_file(pipe: StableDiffusion, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single files are written as .safetensors (never pickles), got {path.name}")
+    if pipe.config.family.startswith("sd2") and pipe.config.text.output_layer == -1:
+        raise ValueError("this SD 2 text encoder came from a diffusers folder, which drops OpenCLIP's last block; "
+                         "an original single file needs all of it (keep the folder, or start from a single file)")
     layouts = single_file_layouts(pipe.config)
     state: dict[str, torch.Tensor] = {}
     for name, model in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
         state |= export_state_dict(model, layouts[name])
+    if pipe.config.family.startswith("sd2"):
+        state = to_openclip(state)
     _atomic_safetensors({k: v.contiguous() for k, v in state.items()}, path)
     return path
 
@@ -163,8 +200,14 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_diffusers_folder(folder: str | Path, *, variant: str | None = None) -> StableDiffusion:
-    """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
+def family_of(unet: UNetConfig) -> str:
+    """SD 2 is the UNet with linear projections in its transformer blocks; SD 1 has 1×1 convolutions."""
+    return ("sd2" if unet.linear_projection else "sd1") + ("-inpainting" if unet.in_channels == 9 else "")
+
+
+def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, prediction: str | None = None) -> StableDiffusion:
+    """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
+    the prediction type comes from ``scheduler_config.json`` unless ``prediction`` overrides it."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
     if index.get("_class_name") not in PIPELINE_CLASSES:
@@ -173,15 +216,21 @@ def load_diffusers_folder(folder: str | Path, *, variant: str | None = None) -> 
     vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
     text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = scheduler_from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
+    why = "the folder's scheduler_config.json"
+    if prediction is not None:
+        scheduler["prediction"], why = prediction, "set by the caller"
     config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad="zero" if tokenizer.pad_id == 0 else "eos",
-                                   family="diffusers", **scheduler_from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json")))
+                                   family=family_of(unet_cfg), **scheduler)
     text_encoder, unet, vae = build_models(config)
     layouts = {"unet": unet_layout(unet_cfg, "diffusers"), "vae": vae_layout(vae_cfg, "diffusers"),
                "text_encoder": text_encoder_layout(text_cfg, "transformers")}
     for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
         path = weight_file(folder, name, variant)
         import_state_dict(model, load_state_dict_file(path), layouts[name], str(path), assign=True)
-    return StableDiffusion(tokenizer, text_encoder, unet, vae, config)
+    pipe = StableDiffusion(tokenizer, text_encoder, unet, vae, config)
+    pipe.notes.append(f"prediction: {config.prediction} ({why})")
+    return pipe
 
 
 def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
@@ -212,6 +261,9 @@ def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
                "text_encoder": text_encoder_layout(c.text, "transformers")}
     for name, model in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
         state = {k: v.contiguous() for k, v in export_state_dict(model, layouts[name]).items()}
+        if name == "text_encoder":  # a penultimate-layer encoder is written without the blocks it never runs, as diffusers does
+            used = configs["text_encoder/config.json"]["num_hidden_layers"]
+            state = {k: v for k, v in state.items() if not (m := re.search(r"\.layers\.(\d+)\.", k)) or int(m[1]) < used}
         _atomic_safetensors(state, folder / name / f"{WEIGHT_NAMES[name]}.safetensors")
     return folder
 
@@ -225,17 +277,19 @@ def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 # --- either ---------------------------------------------------------------------------------------
 def load_pipeline(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  ema: bool = True, variant: str | None = None, config: StableDiffusionConfig | None = None) -> StableDiffusion:
+                  ema: bool = True, variant: str | None = None, config: StableDiffusionConfig | None = None,
+                  prediction: str | None = None) -> StableDiffusion:
     """Load Stable Diffusion from a single file (``.safetensors``, ``.ckpt``) or a diffusers folder, ready to sample.
 
     ``config`` overrides family detection for single files (e.g. a fine-tune saved with another schedule);
-    ``variant`` picks a diffusers weight variant ("fp16"); ``dtype`` is the weights' dtype on ``device``.
+    ``variant`` picks a diffusers weight variant ("fp16"); ``dtype`` is the weights' dtype on ``device``;
+    ``prediction`` ("eps" or "v") overrides what the checkpoint says or implies — ``pipe.notes`` tells which.
     """
     path = Path(path)
     if path.is_dir():
-        pipe = load_diffusers_folder(path, variant=variant)
+        pipe = load_diffusers_folder(path, variant=variant, prediction=prediction)
     elif path.exists():
-        pipe = load_single_file(path, config=config, ema=ema)
+        pipe = load_single_file(path, config=config, ema=ema, prediction=prediction)
     else:
         raise CheckpointError(f"no checkpoint at {path} (expected a .safetensors/.ckpt file or a diffusers folder)")
     return pipe.to(device=device, dtype=dtype)
@@ -249,12 +303,16 @@ def inspect_checkpoint(path: str | Path, config: StableDiffusionConfig | None = 
     unrecognised: list[str] = []
     if path.is_dir():
         pipe = load_diffusers_folder(path)
-        config, ema = pipe.config, False
+        config, ema, notes = pipe.config, False, pipe.notes
         models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
         dtypes = {name: {p.dtype for p in m.parameters()} for name, m in models.items()}
     else:
-        state = load_state_dict_file(path)
+        state, metadata = load_weight_file(path)
         config, ema = config or detect_config(state, str(path)), has_ema(state)
+        prediction, why = choose_prediction(config, state, metadata, None)
+        config, notes = config.with_(prediction=prediction), [f"prediction: {prediction} ({why})"]
+        if config.family.startswith("sd2"):
+            state = from_openclip(state)
         models = dict(zip(("text_encoder", "unet", "vae"), build_models(config)))
         names = {name: foreign_names(m, layout).values() for (name, m), layout in
                  ((item, single_file_layouts(config)[item[0]]) for item in models.items())}
@@ -265,5 +323,5 @@ def inspect_checkpoint(path: str | Path, config: StableDiffusionConfig | None = 
         "path": str(path), "format": "diffusers folder" if path.is_dir() else "single file", "family": config.family,
         "ema": ema, "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
         "dtypes": {name: sorted(str(d).replace("torch.", "") for d in ds) for name, ds in dtypes.items()},
-        "unrecognised": unrecognised, "config": json.loads(json.dumps(asdict(config), default=str)),
+        "unrecognised": unrecognised, "notes": notes, "config": json.loads(json.dumps(asdict(config), default=str)),
     }

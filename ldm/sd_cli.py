@@ -21,7 +21,10 @@ def load(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    pipe = load_pipeline(args.checkpoint, device=device, dtype=dtype, ema=not args.raw_weights, variant=args.variant)
+    pipe = load_pipeline(args.checkpoint, device=device, dtype=dtype, ema=not args.raw_weights, variant=args.variant,
+                         prediction=args.prediction)
+    for note in pipe.notes:
+        print(f"{pipe.config.family}: {note}")
     if args.autocast:
         pipe.autocast = torch.bfloat16
     if args.attention_slice:
@@ -75,6 +78,8 @@ def cmd_inspect(args: argparse.Namespace, extra: list[str]) -> None:
     print(f"{report['path']}: {report['format']}, family {report['family']}{', with EMA weights' if report['ema'] else ''}")
     for name, count in report["parameters"].items():
         print(f"  {name:13s} {count / 1e6:8.1f} M parameters  {', '.join(report['dtypes'][name])}")
+    for note in report["notes"]:
+        print(f"  {note}")
     if report["unrecognised"]:
         shown = report["unrecognised"][:20]
         print(f"  unrecognised ({len(report['unrecognised'])}): {', '.join(shown)}{' …' if len(report['unrecognised']) > 20 else ''}")
@@ -83,7 +88,7 @@ def cmd_inspect(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_convert(args: argparse.Namespace, extra: list[str]) -> None:
     from .sd_checkpoint import load_pipeline, save_diffusers_folder, save_single_file
 
-    pipe = load_pipeline(args.checkpoint, ema=not args.raw_weights, dtype=DTYPES[args.dtype])
+    pipe = load_pipeline(args.checkpoint, ema=not args.raw_weights, dtype=DTYPES[args.dtype], prediction=args.prediction)
     out = Path(args.out)
     written = save_single_file(pipe, out) if out.suffix == ".safetensors" else save_diffusers_folder(pipe, out)
     print(f"wrote {written}")
@@ -119,6 +124,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--vae-tile", type=int, help="decode in tiles of this many latent pixels (large images, less memory)")
         p.add_argument("--variant", help="diffusers weight variant to prefer, e.g. fp16")
         p.add_argument("--raw-weights", action="store_true", help="single files: the non-EMA UNet weights")
+        p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet predicts, when the checkpoint cannot "
+                       "say (SD 2 single files; the loader prints what it chose and why)")
         p.add_argument("--device")
         p.set_defaults(func=generate)
 
@@ -132,4 +139,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("out")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     c.add_argument("--raw-weights", action="store_true", help="single files: the non-EMA UNet weights")
+    c.add_argument("--prediction", choices=("eps", "v"), help="ε or v, written into the folder's scheduler config")
     c.set_defaults(func=cmd_convert)

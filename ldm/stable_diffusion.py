@@ -64,6 +64,14 @@ class StableDiffusionConfig:
         """The v1-5 inpainting model: the UNet also sees the mask and the masked image's latents (9 channels)."""
         return cls(unet=UNetConfig.sd15(in_channels=9), family="sd1-inpainting")
 
+    @classmethod
+    def sd2(cls, prediction: Prediction = "v", in_channels: int = 4) -> "StableDiffusionConfig":
+        """Stable Diffusion 2.x: OpenCLIP ViT-H/14 text encoder (penultimate layer, zero padding), 64-channel
+        heads, 1024-wide context. The 768 models predict v, 2-base (512) and the inpainting model ε: the
+        weights cannot tell, so the loader takes it from the file's metadata or the user."""
+        return cls(unet=UNetConfig.sd2().with_(in_channels=in_channels), text=TextEncoderConfig.openclip_vit_h14(),
+                   pad="zero", prediction=prediction, family="sd2-inpainting" if in_channels == 9 else "sd2")
+
     def with_(self, **changes) -> "StableDiffusionConfig":
         return replace(self, **changes)
 
@@ -83,6 +91,7 @@ class StableDiffusion:
             model.eval()
         self.schedule = NoiseSchedule(config.schedule)
         self.autocast: torch.dtype | None = None  # e.g. torch.bfloat16: run the UNet under autocast
+        self.notes: list[str] = []  # how the loader decided what the checkpoint does not say (e.g. ε or v)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **options) -> "StableDiffusion":

@@ -96,12 +96,13 @@ def test_components_match_diffusers(reference):
 def test_text_to_image_matches_diffusers(reference, sampler, scheduler):
     ref, folder = reference
     ours = load_pipeline(folder)
-    ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    swapped = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    ref = diffusers.StableDiffusionPipeline(**(ref.components | {"scheduler": swapped}))
+    ref.set_progress_bar_config(disable=True)
     prompts = ["a red cube on a table", "a watercolour of a fox"]
     expected = ref_images(ref, prompts, negative_prompt=["blurry", ""])
     got = our_images(ours, prompts, negative_prompt=["blurry", ""], sampler=sampler)
     assert (got - expected).abs().max() < 2e-3
-    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
 
 
 def test_single_files_safetensors_ckpt_and_ema(reference, tmp_path):
@@ -199,11 +200,13 @@ def test_family_detection_names_what_it_found():
     nine = four | {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}
     assert detect_config(nine).inpainting
     sd2 = four | {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)}
-    with pytest.raises(UnsupportedCheckpoint, match="Stable Diffusion 2"):
-        detect_config(sd2)
+    assert (detect_config(sd2).family, detect_config(sd2).pad, detect_config(sd2).unet.head_dim) == ("sd2", "zero", 64)
+    odd = four | {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 512)}
+    with pytest.raises(UnsupportedCheckpoint, match="context width 512; 768 is SD 1.x, 1024 is SD 2.x"):
+        detect_config(odd)
     with pytest.raises(UnsupportedCheckpoint, match="XL"):
         detect_config({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(1)})
-    with pytest.raises(UnsupportedCheckpoint, match="top-level names found: encoder, features"):
+    with pytest.raises(UnsupportedCheckpoint, match="top-level names found: encoder, features; known families"):
         detect_config({"encoder.weight": torch.zeros(1), "features.0.weight": torch.zeros(1)})
 
 
@@ -336,3 +339,17 @@ def test_full_size_sd15_single_file_is_detected_loaded_and_sampled(tmp_path):
     assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight.float())
     images = loaded("a lighthouse", width=128, height=128, num_inference_steps=2, progress=False)
     assert images[0].size == (128, 128)
+
+
+def test_sd2_prediction_is_chosen_from_what_the_file_says():
+    from ldm.sd_checkpoint import choose_prediction
+    from ldm.stable_diffusion import StableDiffusionConfig
+
+    sd2 = StableDiffusionConfig.sd2()
+    assert choose_prediction(sd2, {}, {}, None)[0] == "v"  # the 768 models, as diffusers assumes
+    assert choose_prediction(sd2, {}, {"global_step": 875000}, None) == ("eps", "global_step 875000, the 2-base release")
+    assert choose_prediction(sd2, {}, {"modelspec.prediction_type": "epsilon"}, None)[0] == "eps"
+    assert choose_prediction(sd2, {"v_pred": torch.zeros(())}, {}, None)[0] == "v"
+    assert choose_prediction(sd2, {}, {"global_step": 875000}, "v") == ("v", "set by the caller")
+    assert choose_prediction(StableDiffusionConfig.sd2(in_channels=9), {}, {}, None)[0] == "eps"
+    assert choose_prediction(StableDiffusionConfig.sd15(), {}, {}, None)[0] == "eps"

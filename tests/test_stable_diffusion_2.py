@@ -1,0 +1,90 @@
+"""Stable Diffusion 2.x: v-prediction, OpenCLIP text encoder (penultimate layer, zero padding), linear projections
+and 64-channel-style heads — against diffusers with the same tiny random weights, as a folder and as a single file."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm.sd_checkpoint import inspect_checkpoint, load_pipeline, save_diffusers_folder, save_single_file
+from ldm.text_encoder import TextEncoder
+from test_stable_diffusion import SIZE, our_images, ref_images, write_vocab
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.reference
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    """A diffusers SD 2-style pipeline: as diffusers stores SD 2, the text encoder holds only the blocks it runs."""
+    folder = tmp_path_factory.mktemp("sd2")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
+    for model in (unet, vae, text):
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    tokenizer = write_vocab(folder / "vocab")
+    tokenizer.pad_token = "!"  # OpenCLIP pads with id 0
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                        set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+                                        timestep_spacing="leading")
+    pipe = diffusers.StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder / "pipe")
+    return pipe, folder / "pipe"
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("ddim", "DDIMScheduler"), ("dpm++2m", "DPMSolverMultistepScheduler"),
+                                                ("euler_a", "EulerAncestralDiscreteScheduler")])
+def test_v_prediction_folder_matches_diffusers(sd2, sampler, scheduler):
+    ref, folder = sd2
+    ours = load_pipeline(folder)
+    assert (ours.config.family, ours.config.prediction, ours.config.pad) == ("sd2", "v", "zero")
+    assert ours.notes == ["prediction: v (the folder's scheduler_config.json)"]
+    assert ours.tokenizer(["a b"])[0, -1] == 0
+    swapped = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    ref = diffusers.StableDiffusionPipeline(**(ref.components | {"scheduler": swapped}))
+    ref.set_progress_bar_config(disable=True)
+    expected = ref_images(ref, ["a red cube", "a fox"], negative_prompt=["blurry", "blurry"])
+    assert (our_images(ours, ["a red cube", "a fox"], negative_prompt="blurry", sampler=sampler) - expected).abs().max() < 2e-3
+
+
+def test_openclip_single_file_with_penultimate_layer_matches_the_folder(sd2, tmp_path):
+    """An SD 2 single file holds all OpenCLIP blocks (fused q/k/v) and reads the penultimate one; the diffusers
+    folder holds one block less and reads the last. Both must give the same images."""
+    ref, folder = sd2
+    pipe = load_pipeline(folder)
+    full_config = pipe.config.text.with_(layers=3, output_layer=-2)
+    full = TextEncoder(full_config)
+    missing = full.load_state_dict(pipe.text_encoder.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("layers.2.") for k in missing)  # the extra last block stays random
+    pipe.text_encoder, pipe.config = full, pipe.config.with_(text=full_config)
+    single = save_single_file(pipe, tmp_path / "sd2.safetensors")
+    keys = load_file(single)
+    assert keys["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 48, 48)
+    assert "cond_stage_model.model.positional_embedding" in keys
+    loaded = load_pipeline(single, config=pipe.config.with_(prediction="eps"), prediction="v")
+    assert loaded.notes == ["prediction: v (set by the caller)"]
+    expected = ref_images(ref, "a lighthouse")
+    assert (our_images(loaded, "a lighthouse") - expected).abs().max() < 2e-3
+    assert inspect_checkpoint(single, config=pipe.config)["unrecognised"] == []
+    # back to a folder: diffusers' layout keeps only the blocks that run
+    again = save_diffusers_folder(loaded, tmp_path / "folder")
+    assert load_pipeline(again).config.text.layers == 2
+    assert (our_images(load_pipeline(again), "a lighthouse") - expected).abs().max() < 2e-3
+
+
+def test_a_folder_encoder_cannot_become_an_original_single_file(sd2, tmp_path):
+    _, folder = sd2
+    with pytest.raises(ValueError, match="drops OpenCLIP's last block"):
+        save_single_file(load_pipeline(folder), tmp_path / "x.safetensors")
