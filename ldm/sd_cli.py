@@ -35,7 +35,7 @@ def load(args: argparse.Namespace):
 def generate(args: argparse.Namespace, extra: list[str]) -> None:
     pipe = load(args)
     options = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n)
+                   sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n, guidance_rescale=args.guidance_rescale)
     if args.command == "txt2img":
         options |= dict(width=args.width, height=args.height)
     else:
@@ -114,6 +114,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpm++2m")
         p.add_argument("--steps", type=int, default=25)
         p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+        p.add_argument("--guidance-rescale", type=float, default=0.0,
+                       help="φ in [0, 1]: temper strong guidance (0.7 suits zero-terminal-SNR v-models)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--n", type=int, default=1, help="images per prompt")
         p.add_argument("--out", default=f"{name}.png")

@@ -86,12 +86,21 @@ class StableDiffusion:
 
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: TextEncoder, unet: UNet, vae: AutoencoderKL,
                  config: StableDiffusionConfig):
-        self.tokenizer, self.text_encoder, self.unet, self.vae, self.config = tokenizer, text_encoder, unet, vae, config
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.config = config
         for model in (text_encoder, unet, vae):
             model.eval()
-        self.schedule = NoiseSchedule(config.schedule)
         self.autocast: torch.dtype | None = None  # e.g. torch.bfloat16: run the UNet under autocast
         self.notes: list[str] = []  # how the loader decided what the checkpoint does not say (e.g. ε or v)
+
+    @property
+    def config(self) -> StableDiffusionConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: StableDiffusionConfig) -> None:
+        """Replacing the config (e.g. ``pipe.config = pipe.config.with_(spacing="trailing")``) rebuilds the schedule."""
+        self._config, self.schedule = config, NoiseSchedule(config.schedule)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **options) -> "StableDiffusion":
@@ -147,7 +156,8 @@ class StableDiffusion:
         return [p for p in prompts for _ in range(n)], [p for p in negatives for _ in range(n)]
 
     # --- the denoiser the samplers run -----------------------------------------------------------
-    def denoiser(self, uncond: torch.Tensor | None, guidance: float, extra: torch.Tensor | None = None):
+    def denoiser(self, uncond: torch.Tensor | None, guidance: float, extra: torch.Tensor | None = None,
+                 guidance_rescale: float = 0.0):
         """The UNet as a sampler model: in its dtype (and autocast), with the inpainting channels
         appended, guided by ``uncond`` at scale ``guidance`` when it is not 1."""
 
@@ -157,7 +167,7 @@ class StableDiffusion:
             with self._autocast():
                 return self.unet(x.to(self.dtype), t, context).float()
 
-        return unet if guidance == 1.0 else classifier_free_guidance(unet, guidance, uncond)
+        return unet if guidance == 1.0 else classifier_free_guidance(unet, guidance, uncond, guidance_rescale)
 
     def sampler_options(self, sampler: str) -> dict:
         """The checkpoint's scheduler settings in the form each sampler takes them."""
@@ -180,12 +190,13 @@ class StableDiffusion:
              num_inference_steps: int = 25, guidance_scale: float = 7.5, sampler: str = "dpm++2m",
              seed: int | torch.Generator = 0, num_images_per_prompt: int = 1, strength: float = 1.0,
              image: ImageInput | None = None, mask: ImageInput | None = None, latents: torch.Tensor | None = None,
-             **options) -> Iterator[StepRecord]:
+             guidance_rescale: float = 0.0, **options) -> Iterator[StepRecord]:
         """The reverse process as a generator of per-step records (latents, x̂_0) — ``__call__`` runs it to the end.
 
         ``image`` with ``strength`` < 1 is image-to-image (SDEdit  [Meng et al. 2022]); ``image`` with ``mask``
         (white = repaint) is inpainting, with the 9-channel inpainting model. The seed's generator, on the CPU,
         draws the VAE posterior sample (img2img) and then x_T, in diffusers' order, so seeds match its images.
+        ``guidance_rescale`` (φ, e.g. 0.7 for zero-terminal-SNR v-models) tempers strong guidance.
         """
         loop = get_sampler(sampler)
         if not 0.0 <= strength <= 1.0:
@@ -212,7 +223,7 @@ class StableDiffusion:
         else:
             x_T = randn(shape, g, self.device) if latents is None else latents.to(self.device, torch.float32)
         extra = None if mask is None else self.inpainting_channels(image, mask, shape, g)
-        yield from loop(self.denoiser(uncond, guidance_scale, extra), self.schedule, x_T, cond=context,
+        yield from loop(self.denoiser(uncond, guidance_scale, extra, guidance_rescale), self.schedule, x_T, cond=context,
                         generator=g, timesteps=timesteps, num_inference_steps=num_inference_steps, **opts)
 
     def __call__(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, progress: bool = True,

@@ -308,3 +308,20 @@ def test_sampler_timesteps_differ_as_diffusers_schedulers_do():
     assert euler_timesteps(s, 25, "linspace")[1].item() == 957.375  # 999 · 23/24, not rounded
     with pytest.raises(ValueError, match="unknown sampler"):
         sampler_timesteps("plms", s, 10)
+
+
+@pytest.mark.reference
+def test_guidance_rescale_matches_diffusers():
+    sd = pytest.importorskip("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+    torch.manual_seed(0)
+    cond_out, uncond_out = torch.randn(2, 4, 8, 8) * 2, torch.randn(2, 4, 8, 8)
+
+    def model(x, t, c):  # returns the conditional output for the first half of the batch, the other for the second
+        return torch.cat([cond_out, uncond_out])
+
+    x, t, c = torch.zeros(2, 4, 8, 8), torch.tensor([5, 5]), torch.zeros(2, 3)
+    guided = classifier_free_guidance(model, 7.5, torch.zeros(1, 3), rescale=0.7)(x, t, c)
+    cfg = uncond_out + 7.5 * (cond_out - uncond_out)
+    expected = sd.rescale_noise_cfg(cfg, cond_out, guidance_rescale=0.7)
+    assert torch.allclose(guided, expected, atol=1e-5)
+    assert not torch.allclose(guided, cfg, atol=1e-2)

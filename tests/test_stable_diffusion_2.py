@@ -88,3 +88,19 @@ def test_a_folder_encoder_cannot_become_an_original_single_file(sd2, tmp_path):
     _, folder = sd2
     with pytest.raises(ValueError, match="drops OpenCLIP's last block"):
         save_single_file(load_pipeline(folder), tmp_path / "x.safetensors")
+
+
+def test_zero_terminal_snr_trailing_and_guidance_rescale_match_diffusers(sd2, tmp_path):
+    """The recipe for v-models from Lin et al. 2024: ᾱ_T = 0, timesteps that start at T − 1, rescaled guidance."""
+    ref, folder = sd2
+    scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ref = diffusers.StableDiffusionPipeline(**(ref.components | {"scheduler": scheduler}))
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(tmp_path / "ztsnr")
+    ours = load_pipeline(tmp_path / "ztsnr")
+    assert ours.config.schedule.zero_terminal_snr and ours.config.spacing == "trailing"
+    assert ours.schedule.alpha_bar_f64[-1] == 0
+    expected = ref_images(ref, "a lighthouse", guidance_rescale=0.7)
+    assert (our_images(ours, "a lighthouse", guidance_rescale=0.7) - expected).abs().max() < 2e-3
+    with pytest.raises(ValueError, match=r"rescale must be in \[0, 1\]"):
+        our_images(ours, "a lighthouse", guidance_rescale=1.5)
