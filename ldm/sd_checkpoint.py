@@ -138,6 +138,8 @@ def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None =
     state, metadata = load_weight_file(path)
     config = config or detect_config(state, source)
     chosen, why = choose_prediction(config, state, metadata, prediction)
+    if config.family == "sd2" and chosen != config.prediction:
+        config = config.with_(size=768 if chosen == "v" else 512)  # the v models are the 768 ones
     config = config.with_(prediction=chosen)
     text_encoder, unet, vae = build_models(config)
     layouts = single_file_layouts(config)
@@ -220,8 +222,9 @@ def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, pre
     why = "the folder's scheduler_config.json"
     if prediction is not None:
         scheduler["prediction"], why = prediction, "set by the caller"
+    size = read_json(folder / "unet" / "config.json").get("sample_size", 64) * vae_cfg.downsample_factor
     config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad="zero" if tokenizer.pad_id == 0 else "eos",
-                                   family=family_of(unet_cfg), **scheduler)
+                                   family=family_of(unet_cfg), size=size, **scheduler)
     text_encoder, unet, vae = build_models(config)
     layouts = {"unet": unet_layout(unet_cfg, "diffusers"), "vae": vae_layout(vae_cfg, "diffusers"),
                "text_encoder": text_encoder_layout(text_cfg, "transformers")}
@@ -251,7 +254,8 @@ def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
     if c.spacing is not None:  # absent: each scheduler class's own default, as when it was read
         scheduler["timestep_spacing"] = c.spacing
     configs = {"model_index.json": index, "scheduler/scheduler_config.json": scheduler,
-               "unet/config.json": unet_config_to_diffusers(c.unet), "vae/config.json": vae_config_to_diffusers(c.vae),
+               "unet/config.json": unet_config_to_diffusers(c.unet) | {"sample_size": c.size // c.vae.downsample_factor},
+               "vae/config.json": vae_config_to_diffusers(c.vae),
                "text_encoder/config.json": text_encoder_config_to_transformers(c.text)}
     for name, cfg in configs.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)

@@ -103,8 +103,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--prompt", required=True)
         p.add_argument("--negative-prompt", default=None)
         if name == "txt2img":
-            p.add_argument("--width", type=int, default=512)
-            p.add_argument("--height", type=int, default=512)
+            p.add_argument("--width", type=int, help="default: the model's training size (512 SD 1, 768 SD 2-v, 1024 SDXL)")
+            p.add_argument("--height", type=int)
         else:
             p.add_argument("--image", required=True, help="input image (its size is the output size; multiples of 8)")
         if name == "img2img":

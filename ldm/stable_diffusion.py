@@ -53,6 +53,7 @@ class StableDiffusionConfig:
     set_alpha_to_one: bool = False
     pad: Literal["eos", "zero"] = "eos"
     family: str = "sd1"
+    size: int = 512  # the image side the model was trained at: the default width and height
 
     @classmethod
     def sd15(cls) -> "StableDiffusionConfig":
@@ -70,7 +71,8 @@ class StableDiffusionConfig:
         heads, 1024-wide context. The 768 models predict v, 2-base (512) and the inpainting model ε: the
         weights cannot tell, so the loader takes it from the file's metadata or the user."""
         return cls(unet=UNetConfig.sd2().with_(in_channels=in_channels), text=TextEncoderConfig.openclip_vit_h14(),
-                   pad="zero", prediction=prediction, family="sd2-inpainting" if in_channels == 9 else "sd2")
+                   pad="zero", prediction=prediction, family="sd2-inpainting" if in_channels == 9 else "sd2",
+                   size=768 if prediction == "v" else 512)
 
     def with_(self, **changes) -> "StableDiffusionConfig":
         return replace(self, **changes)
@@ -186,7 +188,7 @@ class StableDiffusion:
         return (n, self.vae.config.latent_channels, height // f, width // f)
 
     @torch.inference_mode()
-    def loop(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, width: int = 512, height: int = 512,
+    def loop(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, width: int | None = None, height: int | None = None,
              num_inference_steps: int = 25, guidance_scale: float = 7.5, sampler: str = "dpm++2m",
              seed: int | torch.Generator = 0, num_images_per_prompt: int = 1, strength: float = 1.0,
              image: ImageInput | None = None, mask: ImageInput | None = None, latents: torch.Tensor | None = None,
@@ -204,6 +206,7 @@ class StableDiffusion:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         prompts, negatives = self._prompts(prompt, negative_prompt, num_images_per_prompt)
+        width, height = width or self.config.size, height or self.config.size
         shape = self.latent_shape(len(prompts), width, height)
         g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
         context = self.encode_prompt(prompts)
@@ -230,7 +233,7 @@ class StableDiffusion:
                  **options) -> list[Image.Image]:
         """Text (and optionally image) to images: one PIL image per prompt × num_images_per_prompt.
 
-        Options as in ``loop``: width, height (multiples of 8), num_inference_steps, guidance_scale,
+        Options as in ``loop``: width, height (multiples of 8; default the model's training size), num_inference_steps, guidance_scale,
         sampler ("dpm++2m", "euler_a", "euler", "ddim", "ddpm"), seed, num_images_per_prompt,
         image + strength (img2img), image + mask (inpainting), latents (x_T).
         """

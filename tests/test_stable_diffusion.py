@@ -89,6 +89,7 @@ def test_components_match_diffusers(reference):
         assert rel(ours.unet(x, t, context), ref.unet(x, t, encoder_hidden_states=context).sample) < 1e-4
         assert rel(ours.vae.decode(x), ref.vae.decode(x).sample) < 1e-4
     assert ours.config.spacing == "leading" and ours.config.steps_offset == 1 and not ours.config.set_alpha_to_one
+    assert ours.config.size == SIZE  # unet sample_size × the VAE's factor: the default width and height
 
 
 @pytest.mark.parametrize("sampler, scheduler", [("ddim", "DDIMScheduler"), ("dpm++2m", "DPMSolverMultistepScheduler"),
