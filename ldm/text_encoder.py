@@ -2,8 +2,9 @@
 
 Data flow  [Radford et al. 2021, §2.4; GPT-2-style pre-LN blocks]:
     ids (B, L) ─E[ids] + P[:L]─► x₀ ─block₁ … block_N (causal self-attention)─► x_N
-    hidden = LN_final(x_{N+1+output_layer})      what the UNet consumes (SD1: x_N, SD2: x_{N−1})
-    pooled = LN_final(x_N)[first end token]      (· W_proj when projection_dim is set)
+    hidden = LN_final(x_{N+1+output_layer})      what the UNet consumes (SD1: x_N, SD2: x_{N−1}),
+          or x_{N+1+output_layer} unnormalised   (SDXL: x_{N−1} of both its encoders)
+    pooled = LN_final(x_N)[first end token]      (· W_proj when projection_dim is set) — always the last block
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from torch import nn
 class TextEncoderConfig:
     """Defaults are OpenAI CLIP ViT-L/14's text tower (Stable Diffusion 1.x).
 
-    output_layer: which block's output feeds the UNet, counted from the end (−1 last, −2 penultimate);
-        the final LayerNorm is applied to it in both cases, as SD1 and SD2 do.
+    output_layer: which block's output feeds the UNet, counted from the end (−1 last, −2 penultimate).
+    final_norm_on_hidden: whether the final LayerNorm is applied to that output: SD1 (last block) and SD2
+        (penultimate) do; SDXL takes both encoders' penultimate states as they are  [Podell et al. 2023, §2.1;
+        diffusers' ``hidden_states[-2]``]. The pooled output is normalised in every case.
     projection_dim: width of the pooled output's linear projection (``text_projection``), or None for none.
     eos_token_id: the pooled output is read at the first occurrence of this id in each row.
     """
@@ -36,6 +39,7 @@ class TextEncoderConfig:
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
     layer_norm_eps: float = 1e-5
     output_layer: int = -1
+    final_norm_on_hidden: bool = True
     projection_dim: int | None = None
     eos_token_id: int = 49407
 
@@ -60,6 +64,21 @@ class TextEncoderConfig:
         """OpenCLIP ViT-H/14 text tower, penultimate layer (Stable Diffusion 2.x). All 24 blocks are held so
         that single files load completely; the last one only runs for the pooled output."""
         return cls(width=1024, layers=24, heads=16, mlp_dim=4096, activation="gelu", output_layer=-2)
+
+    @classmethod
+    def clip_vit_l14_sdxl(cls) -> "TextEncoderConfig":
+        """SDXL's first encoder: OpenAI CLIP ViT-L/14, penultimate block, no final LayerNorm (768 of the 2048
+        context channels). Its pooled output goes unused; all 12 blocks are held so that single files load."""
+        return cls(output_layer=-2, final_norm_on_hidden=False)
+
+    @classmethod
+    def openclip_vit_bigg14(cls) -> "TextEncoderConfig":
+        """SDXL's second encoder: OpenCLIP ViT-bigG/14 text tower (694,659,840 parameters), penultimate block without
+        the final LayerNorm (the other 1280 context channels), and the projected pooled output (1280), which
+        enters the UNet's added conditioning  [Podell et al. 2023, §2.1–2.2]. All 32 blocks: the pooled output
+        needs the last."""
+        return cls(width=1280, layers=32, heads=20, mlp_dim=5120, activation="gelu", output_layer=-2,
+                   final_norm_on_hidden=False, projection_dim=1280)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +149,7 @@ class TextEncoder(nn.Module):
 
         x₀ = E[ids] + P[0:L]           token and learned position embeddings
         x_n = block_n(x_{n−1})          n = 1 … N, causal self-attention
-        hidden = LN_final(x_{N+1+output_layer})
+        hidden = LN_final(x_{N+1+output_layer})   (x_{N+1+output_layer} when final_norm_on_hidden is False)
     ``forward`` returns ``hidden`` and runs only the blocks it needs; ``encode`` also returns the pooled vector.
     Shapes: token_ids (B, L) integer, L ≤ max_length → (B, L, width).
     """
@@ -171,10 +190,13 @@ class TextEncoder(nn.Module):
             states.append(block(states[-1]))
         return states
 
+    def _hidden(self, state: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(state) if self.config.final_norm_on_hidden else state
+
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The hidden states the UNet attends to. Shapes: (B, L) → (B, L, width)."""
-        used = self.config.layers + 1 + self.config.output_layer  # SD2 never runs its last block for the UNet
-        return self.final_norm(self._blocks(token_ids, used)[-1])
+        used = self.config.layers + 1 + self.config.output_layer  # SD2 and SDXL never run the last block for the UNet
+        return self._hidden(self._blocks(token_ids, used)[-1])
 
     def encode(self, token_ids: torch.Tensor) -> TextEncoderOutput:
         """Hidden states and the pooled vector, read at each row's first end-of-text token (``eos_token_id``).
@@ -192,7 +214,7 @@ class TextEncoder(nn.Module):
         pooled = last[torch.arange(len(token_ids), device=last.device), is_eos.int().argmax(dim=1)]
         if self.projection is not None:
             pooled = self.projection(pooled)
-        hidden = last if self.config.output_layer == -1 else self.final_norm(states[self.config.output_layer])
+        hidden = self._hidden(states[self.config.output_layer])
         return TextEncoderOutput(hidden, pooled)
 
 

@@ -7,8 +7,8 @@ Data flow (levels ℓ = 0 … L−1, resolution halves per level):
     … ◄─ Upsample ◄─ [concat(skip) → ResBlock (+Attention)] × (num_res_blocks + 1) (up path, pops the saved outputs)
     ─► GroupNorm ─ SiLU ─ conv_out ─► prediction (ε, x₀ or v)
 
-The timestep (and optional class label) enters every ResBlock through one embedding
-vector  [Ho et al. 2020, App. B; Nichol & Dhariwal 2021; Ronneberger et al. 2015].
+The timestep (and optional class label, or SDXL's pooled text and size/crop numbers) enters
+every ResBlock through one embedding vector  [Ho et al. 2020, App. B; Nichol & Dhariwal 2021; Ronneberger et al. 2015].
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttentionBlock, SpatialTransformer
-from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, zero_init
+from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, timestep_embedding, zero_init
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     asymmetric_downsample: bool = False
+    # SDXL's added conditioning [Podell et al. 2023, §2.2]: pooled text embedding ‖ sinusoidal features of the
+    # size/crop numbers, added_cond_dim wide in all (SDXL: 1280 + 6·256 = 2816), enters the time embedding
+    added_cond_dim: int | None = None
+    added_time_dim: int = 256  # sinusoidal features per size/crop number
 
     def __post_init__(self):
         if len(self.attention) != len(self.channel_mult):
@@ -94,6 +98,15 @@ class UNetConfig:
         )
 
     @classmethod
+    def ddpm_256(cls) -> "UNetConfig":
+        """The DDPM paper's 256×256 model (113,673,219 parameters, the paper's "114 million"): CelebA-HQ and
+        LSUN church, bedroom and cat  [Ho et al. 2020, App. B]. Six levels 256² … 8² of 128·(1, 1, 2, 2, 4, 4)
+        channels, one-head self-attention only at 16×16 (level 4) and in the middle, no dropout; the
+        embedding and downsampling details are CIFAR-10's."""
+        return cls.ddpm_cifar10().with_(sample_size=256, channel_mult=(1, 1, 2, 2, 4, 4),
+                                        attention=(False, False, False, False, True, False), dropout=0.0)
+
+    @classmethod
     def sd15(cls, in_channels: int = 4) -> "UNetConfig":
         """Stable Diffusion 1.x (860M parameters): 4-channel 64×64 latents for 512² images, 8 heads,
         cross-attention to 77×768 CLIP ViT-L/14 states  [Rombach et al. 2022, v1-inference.yaml].
@@ -107,6 +120,19 @@ class UNetConfig:
     def sd2(cls) -> "UNetConfig":
         """Stable Diffusion 2.x: as 1.x but 64-channel heads, linear projections, 1024-wide OpenCLIP context."""
         return cls.sd15().with_(num_heads=1, head_dim=64, context_dim=1024, linear_projection=True)
+
+    @classmethod
+    def sdxl(cls) -> "UNetConfig":
+        """Stable Diffusion XL base 1.0 (2,567,463,684 parameters)  [Podell et al. 2023, §2.1]: three levels
+        (4-channel 128×128 latents for 1024² images), no attention at the highest resolution, 1, 2 and 10
+        transformer blocks at the three levels (10 in the middle too; the 1 is unused), 64-channel heads,
+        cross-attention to 77×2048 states of two text encoders, and the pooled text embedding plus six
+        size/crop numbers added to the time embedding (§2.2)."""
+        return cls(
+            in_channels=4, out_channels=4, sample_size=None, channels=320, channel_mult=(1, 2, 4), num_res_blocks=2,
+            attention=(False, True, True), mid_attention=True, num_heads=1, head_dim=64, context_dim=2048,
+            transformer_depth=(1, 2, 10), linear_projection=True, added_cond_dim=2816, added_time_dim=256,
+        )
 
 
 class UNetStage(nn.ModuleList):
@@ -132,7 +158,8 @@ class UNet(nn.Module):
 
     Shapes: x (B, in_channels, H, W), t (B,) or scalar, cond: (B,) int64 labels for class-conditional
     models, (B, S, context_dim) for cross-attention models, or None; mask (B, S) bool, True = attend
-    → (B, out_channels, H, W).
+    → (B, out_channels, H, W). Models with added_cond_dim (SDXL) also take pooled (B, P) and size_ids (B, n)
+    (see ``added_embedding``).
     """
 
     def __init__(self, config: UNetConfig):
@@ -142,6 +169,8 @@ class UNet(nn.Module):
         self.time_embedding = TimestepEmbedding(c.channels, emb_dim, c.flip_sin_to_cos, c.freq_shift)
         self.class_embedding = nn.Embedding(c.num_classes + 1, c.context_dim if c.label_context else emb_dim) \
             if c.num_classes else None
+        # only TimestepEmbedding's two layers are used here: added_embedding builds the input features itself
+        self.add_embedding = TimestepEmbedding(c.added_cond_dim, emb_dim) if c.added_cond_dim else None
         self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
 
         def res(cin: int, cout: int) -> ResBlock:
@@ -196,12 +225,49 @@ class UNet(nn.Module):
         if c.sample_size is not None and (H, W) != (c.sample_size, c.sample_size):
             raise ValueError(f"this UNet was configured for {c.sample_size}×{c.sample_size} inputs, got {H}×{W}")
 
-    def embed(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int, device: torch.device):
+    def added_embedding(self, pooled: torch.Tensor | None, size_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """SDXL's added conditioning  [Podell et al. 2023, §2.2 "micro-conditioning"]: the pooled text embedding
+        and the numbers c = (h_original, w_original, crop_top, crop_left, h_target, w_target), each turned into
+        sinusoidal features φ(c_k) = timestep_embedding(c_k, added_time_dim) as a timestep would be,
+
+            e_add = W₂ · SiLU(W₁ · [pooled ‖ φ(c₁) ‖ … ‖ φ(c_n)] + b₁) + b₂
+        which ``embed`` adds to the time embedding (diffusers: ``add_time_proj`` and ``add_embedding`` of
+        addition_embed_type "text_time"; ``text_embeds`` and ``time_ids`` there).
+        Shapes: pooled (B, P), size_ids (B, n), P + n · added_time_dim = added_cond_dim (SDXL: 1280 + 6·256)
+        → (B, 4 · channels).
+        """
+        c = self.config
+        missing = [name for name, value in (("pooled", pooled), ("size_ids", size_ids)) if value is None]
+        if missing:
+            raise ValueError(f"this UNet (added_cond_dim={c.added_cond_dim}) needs pooled (B, P) text embeddings "
+                             f"and size_ids (B, n) size/crop numbers (SDXL: P = 1280, n = 6); "
+                             f"missing: {', '.join(missing)}")
+        for name, value in (("pooled", pooled), ("size_ids", size_ids)):
+            if value.dim() != 2 or value.shape[0] != batch:
+                raise ValueError(f"{name} must have shape ({batch}, …), one row per sample; got {tuple(value.shape)}")
+        width = pooled.shape[1] + size_ids.shape[1] * c.added_time_dim
+        if width != c.added_cond_dim:
+            raise ValueError(f"pooled {tuple(pooled.shape)} and size_ids {tuple(size_ids.shape)} give "
+                             f"{pooled.shape[1]} + {size_ids.shape[1]}·{c.added_time_dim} = {width} features; "
+                             f"this UNet takes added_cond_dim = {c.added_cond_dim}")
+        mlp = self.add_embedding
+        device = mlp.linear_1.weight.device  # size/crop numbers are often built on the CPU
+        sizes = timestep_embedding(size_ids.to(device).flatten(), c.added_time_dim, c.flip_sin_to_cos, c.freq_shift)
+        features = torch.cat([pooled.to(device).float(), sizes.reshape(batch, -1)], dim=1)  # [pooled ‖ φ(c₁) ‖ …]
+        return mlp.linear_2(F.silu(mlp.linear_1(features.to(mlp.linear_1.weight.dtype))))
+
+    def embed(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int, device: torch.device,
+              pooled: torch.Tensor | None = None, size_ids: torch.Tensor | None = None):
         """The per-sample embedding added in every ResBlock, and the context for cross-attention (or None)."""
         c = self.config
         t = torch.as_tensor(t, device=device)
         t = t.expand(batch) if t.dim() == 0 else t
         emb = self.time_embedding(t)
+        if self.add_embedding is not None:
+            emb = emb + self.added_embedding(pooled, size_ids, batch)
+        elif pooled is not None or size_ids is not None:
+            raise ValueError("this UNet takes no added conditioning (added_cond_dim=None), "
+                             "but pooled or size_ids was passed")
         context = None
         if self.class_embedding is not None:
             n = c.num_classes
@@ -224,9 +290,10 @@ class UNet(nn.Module):
         return emb, context
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, *, pooled: torch.Tensor | None = None,
+                size_ids: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        emb, context = self.embed(t, cond, x.shape[0], x.device)
+        emb, context = self.embed(t, cond, x.shape[0], x.device, pooled, size_ids)
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:

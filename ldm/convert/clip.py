@@ -16,6 +16,14 @@ Stable Diffusion 2 reads the penultimate block. Single files hold all 24 blocks,
 holds 24 and sets output_layer = −2. diffusers' SD2 ``text_encoder/`` instead stores a 23-block model whose *last*
 state is that same penultimate state (its converter drops ``resblocks.23``); ``text_encoder_config_from_transformers``
 therefore reads the block count from config.json and always sets output_layer = −1. Both give the UNet the same input.
+
+SDXL holds its two encoders under ``conditioner.embedders.0.transformer.`` (ViT-L/14, "transformers" layout, 12 blocks)
+and ``conditioner.embedders.1.model.`` (bigG/14, "openclip" layout with ``text_projection``, 32 blocks). It reads the
+penultimate state of each *without* the final LayerNorm, so no cut model can stand in for it: diffusers' SDXL folders
+store all 12 and all 32 blocks (the pooled output needs bigG's last one) and the pipeline picks ``hidden_states[-2]``.
+config.json cannot say so; a caller that knows it reads an SDXL folder sets
+``.with_(output_layer=-2, final_norm_on_hidden=False)`` (giving the ``clip_vit_l14_sdxl`` / ``openclip_vit_bigg14``
+presets).
 """
 
 from __future__ import annotations
@@ -121,7 +129,9 @@ def to_openclip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def text_encoder_config_from_transformers(cfg: dict, *, with_projection: bool | None = None) -> TextEncoderConfig:
     """Read a transformers ``CLIPTextConfig`` dict (a ``text_encoder/config.json``) into a ``TextEncoderConfig``.
 
-    output_layer is always −1: a diffusers SD2 folder already stores only the 23 blocks SD2 uses (module docstring).
+    output_layer is always −1 and the final LayerNorm applies: a diffusers SD2 folder already stores only the 23
+    blocks SD2 uses. An SDXL folder's encoders hold every block and the pipeline, not the config, chooses the
+    penultimate unnormalised state; the caller adds that with ``.with_`` (module docstring).
     with_projection: hold ``text_projection``; by default only for ``CLIPTextModelWithProjection``
     (``projection_dim`` is present in every CLIP config, also where the model has no projection).
     eos_token_id = 2 marks configs written before transformers' PR #24773, which pool at argmax(ids); that is
@@ -149,11 +159,13 @@ def text_encoder_config_to_transformers(config: TextEncoderConfig) -> dict:
     """A transformers ``CLIPTextConfig`` dict (``text_encoder/config.json``) for ``config``, the inverse of
     ``text_encoder_config_from_transformers``.
 
-    transformers has no output_layer, so a model that reads an earlier block is written as diffusers writes SD2:
-    num_hidden_layers counts only the blocks used, and the weights of later blocks must be left out of the file.
-    That is impossible with a projection (the pooled output needs every block), which is refused.
+    transformers has no output_layer, so a model that reads an earlier block *through the final LayerNorm* is
+    written as diffusers writes SD2: num_hidden_layers counts only the blocks used, and the weights of later blocks
+    must be left out of the file. That is impossible with a projection (the pooled output needs every block),
+    which is refused. A model that reads an earlier block without the final LayerNorm is written whole, as
+    diffusers writes SDXL's encoders: its pipeline takes ``hidden_states[output_layer]`` itself.
     """
-    used = config.layers + 1 + config.output_layer
+    used = config.layers + 1 + config.output_layer if config.final_norm_on_hidden else config.layers
     if used != config.layers and config.projection_dim is not None:
         raise ValueError("a transformers CLIP model cannot read an earlier block for its hidden states and the last "
                          "for its pooled output; drop projection_dim or use output_layer = -1")

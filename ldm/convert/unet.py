@@ -61,6 +61,8 @@ def unet_layout(config: UNetConfig, fmt: Format) -> Layout:
         outer: list[Rule] = [
             (r"^time_embedding\.linear_1\.", "time_embed.0."), (r"^time_embedding\.linear_2\.", "time_embed.2."),
             (r"^conv_in\.", "input_blocks.0.0."), (r"^norm_out\.", "out.0."), (r"^conv_out\.", "out.2."),
+            # SDXL's added conditioning: label_emb = Sequential(Sequential(Linear, SiLU, Linear))
+            (r"^add_embedding\.linear_1\.", "label_emb.0.0."), (r"^add_embedding\.linear_2\.", "label_emb.0.2."),
         ]
     else:
         inner = [(resblock + "skip\\.", r"\1.conv_shortcut.")]
@@ -74,11 +76,31 @@ def unet_layout(config: UNetConfig, fmt: Format) -> Layout:
     return Layout(inner + attention + structure + outer, aliases=aliases)
 
 
+# diffusers UNet options with more than one setting where ldm's UNet has one way (the first value listed);
+# a config that leaves one out gets diffusers' default, which is that way.
+FIXED_OPTIONS: dict[str, tuple] = {
+    "act_fn": ("silu",), "time_embedding_type": ("positional",), "center_input_sample": (False,),
+    "mid_block_scale_factor": (1, 1.0), "downsample_type": ("conv",), "upsample_type": ("conv",),
+    "mid_block_type": ("UNetMidBlock2D", "UNetMidBlock2DCrossAttn"), "time_embedding_dim": (None,),
+    "num_class_embeds": (None,), "attn_norm_num_groups": (None,),
+}
+
+
 def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
-    """Read a diffusers ``unet/config.json`` (``UNet2DModel`` or ``UNet2DConditionModel``) into a ``UNetConfig``."""
-    for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
-        if cfg.get(option) is not None:  # SDXL's size/text-time embedding and relatives
+    """Read a diffusers ``unet/config.json`` (``UNet2DModel`` or ``UNet2DConditionModel``) into a ``UNetConfig``.
+
+    Of the added conditionings only SDXL's addition_embed_type "text_time" is known: its
+    projection_class_embeddings_input_dim is ``added_cond_dim``, addition_time_embed_dim ``added_time_dim``.
+    """
+    for option in ("class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
+        if cfg.get(option) is not None:
             raise ValueError(f"diffusers UNet option {option}={cfg[option]!r} is not supported yet")
+    added = cfg.get("addition_embed_type")
+    if added not in (None, "text_time"):  # Kandinsky's image embeddings and relatives
+        raise ValueError(f"diffusers UNet option addition_embed_type={added!r} is not supported yet (only 'text_time')")
+    for option, allowed in FIXED_OPTIONS.items():  # options that change the computation, where ldm has one way
+        if option in cfg and cfg[option] not in allowed:
+            raise ValueError(f"diffusers UNet option {option}={cfg[option]!r} is not supported (ldm: {allowed[0]!r})")
     widths = list(cfg["block_out_channels"])
     base = widths[0]
     if any(w % base for w in widths):
@@ -89,7 +111,15 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     if unknown := set(down_types) - known:
         raise ValueError(f"unsupported diffusers down block types {sorted(unknown)} (supported: {sorted(known)})")
     attention = tuple(t != "DownBlock2D" for t in down_types)
+    up_types = cfg.get("up_block_types")
+    if up_types is not None and tuple(t != "UpBlock2D" for t in reversed(up_types)) != attention:
+        raise ValueError(f"up_block_types {list(up_types)} do not mirror down_block_types {list(down_types)}: "
+                         "ldm puts attention at the same levels on the way up as on the way down")
     context_dim = cfg.get("cross_attention_dim") if any(t.startswith("CrossAttn") for t in down_types) else None
+    if context_dim is None and cfg.get("resnet_time_scale_shift", "default") != "default" and cfg.get("add_attention", True):
+        # UNet2DModel then builds its middle attention without a GroupNorm; ldm's attention block always has one
+        raise ValueError(f"a UNet2DModel with resnet_time_scale_shift={cfg['resnet_time_scale_shift']!r} is not supported")
+    default_channels = 4 if context_dim is not None else 3  # UNet2DConditionModel's defaults, UNet2DModel's
     if isinstance(context_dim, (list, tuple)):
         raise ValueError(f"per-level cross_attention_dim {context_dim} is not supported")
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim") or 8
@@ -103,7 +133,7 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         head_dim = dims.pop()
     depth = cfg.get("transformer_layers_per_block", 1)
     return UNetConfig(
-        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+        in_channels=cfg.get("in_channels", default_channels), out_channels=cfg.get("out_channels", default_channels),
         sample_size=None, channels=base, channel_mult=tuple(w // base for w in widths),
         num_res_blocks=cfg.get("layers_per_block", 2), attention=attention,
         mid_attention=cfg.get("add_attention", True),
@@ -114,6 +144,8 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         linear_projection=cfg.get("use_linear_projection", False),
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=float(cfg.get("freq_shift", 0)),
         asymmetric_downsample=cfg.get("downsample_padding", 1) == 0,
+        added_cond_dim=cfg["projection_class_embeddings_input_dim"] if added else None,
+        added_time_dim=cfg["addition_time_embed_dim"] if added else 256,
     )
 
 
@@ -135,4 +167,7 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         "use_linear_projection": config.linear_projection, "norm_num_groups": config.norm_groups, "norm_eps": config.norm_eps,
         "flip_sin_to_cos": config.flip_sin_to_cos, "freq_shift": int(config.freq_shift),
         "downsample_padding": 0 if config.asymmetric_downsample else 1,
+        "addition_embed_type": "text_time" if config.added_cond_dim else None,
+        "addition_time_embed_dim": config.added_time_dim if config.added_cond_dim else None,
+        "projection_class_embeddings_input_dim": config.added_cond_dim,
     }
