@@ -1,10 +1,11 @@
 """Stable Diffusion weights on disk: recognise, read and write single files and diffusers folders.
 
     single file (.safetensors / .ckpt)            diffusers folder
-      model.diffusion_model.*   ─┐                  unet/          config.json + weights
-      first_stage_model.*        ├─ rule tables ─►  vae/           config.json + weights
-      cond_stage_model.*        ─┘  (convert/)      text_encoder/  config.json + weights
-      model_ema.* (optional EMA UNet)               tokenizer/, scheduler/, model_index.json
+      model.diffusion_model.*   ─┐                  unet/            config.json + weights
+      first_stage_model.*        ├─ rule tables ─►  vae/             config.json + weights
+      cond_stage_model.*        ─┤  (convert/)      text_encoder/    config.json + weights
+      conditioner.embedders.{0,1}.* (SDXL)          text_encoder_2/  (SDXL)
+      model_ema.* (optional EMA UNet)               tokenizer/ (tokenizer_2/), scheduler/, model_index.json
 
 Both become one ``StableDiffusion``. Models are built on the "meta" device and adopt the file's
 tensors, so nothing is initialised only to be overwritten. Pickled files go through
@@ -34,6 +35,7 @@ from .vae import AutoencoderKL
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2: OpenCLIP's own names, q/k/v fused
+SDXL_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")  # CLIP ViT-L, OpenCLIP bigG
 # Single-file entries that are not weights of any model: the training schedule's buffers, EMA bookkeeping.
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
                     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -52,12 +54,16 @@ def detect_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint
     SD 2's prediction type (ε or v) is not in the weights: this returns v, as diffusers assumes;
     ``choose_prediction`` refines it from the file's metadata."""
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
-        raise UnsupportedCheckpoint(f"{source} is a Stable Diffusion XL checkpoint (conditioner.embedders.*): not supported yet")
+        if all(any(k.startswith(p) for k in state_dict) for p in SDXL_PREFIXES):
+            return StableDiffusionConfig.sdxl()
+        found = sorted({".".join(k.split(".")[:4]) for k in state_dict if k.startswith("conditioner.")})
+        raise UnsupportedCheckpoint(f"{source}: an SDXL-style checkpoint with text encoders {', '.join(found)}; only SDXL base "
+                                    f"({' and '.join(SDXL_PREFIXES)}) is supported (the refiner is not)")
     conv_in = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         prefixes = sorted({k.split(".")[0] for k in state_dict})
         raise UnsupportedCheckpoint(f"{source} is not a Stable Diffusion checkpoint: no {UNET_PREFIX}input_blocks.0.0.weight; "
-                                    f"top-level names found: {', '.join(prefixes[:12])}; known families: SD 1.x, SD 2.x")
+                                    f"top-level names found: {', '.join(prefixes[:12])}; known families: SD 1.x, SD 2.x, SDXL base")
     to_k = state_dict.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     context = None if to_k is None else to_k.shape[1]
     channels = conv_in.shape[1]
@@ -91,13 +97,17 @@ def choose_prediction(config: StableDiffusionConfig, state: dict[str, torch.Tens
 
 
 def single_file_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
-    sd2 = config.family.startswith("sd2")
-    text = text_encoder_layout(config.text, "openclip" if sd2 else "transformers")
-    return {
-        "unet": unet_layout(config.unet, "original").with_prefix(UNET_PREFIX),
-        "vae": vae_layout(config.vae, "original").with_prefix(VAE_PREFIX),
-        "text_encoder": text.with_prefix(OPENCLIP_PREFIX if sd2 else TEXT_PREFIX),
-    }
+    """Each component's layout in an original single file, prefix included."""
+    layouts = {"unet": unet_layout(config.unet, "original").with_prefix(UNET_PREFIX),
+               "vae": vae_layout(config.vae, "original").with_prefix(VAE_PREFIX)}
+    if config.text_2 is not None:
+        layouts["text_encoder"] = text_encoder_layout(config.text, "transformers").with_prefix(SDXL_PREFIXES[0])
+        layouts["text_encoder_2"] = text_encoder_layout(config.text_2, "openclip").with_prefix(SDXL_PREFIXES[1])
+    elif config.family.startswith("sd2"):
+        layouts["text_encoder"] = text_encoder_layout(config.text, "openclip").with_prefix(OPENCLIP_PREFIX)
+    else:
+        layouts["text_encoder"] = text_encoder_layout(config.text, "transformers").with_prefix(TEXT_PREFIX)
+    return layouts
 
 
 def ema_key(name: str) -> str:
@@ -123,9 +133,28 @@ def has_ema(state_dict: dict[str, torch.Tensor]) -> bool:
     return sum(k.startswith("model_ema.") for k in state_dict) > 100  # a couple of bookkeeping entries do not count
 
 
-def build_models(config: StableDiffusionConfig):
+def build_models(config: StableDiffusionConfig) -> dict[str, torch.nn.Module]:
+    """The pipeline's models, on the meta device (no memory, no initialisation) until weights are assigned."""
     with torch.device("meta"):
-        return TextEncoder(config.text), UNet(config.unet), AutoencoderKL(config.vae)
+        models = {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae), "text_encoder": TextEncoder(config.text)}
+        if config.text_2 is not None:
+            models["text_encoder_2"] = TextEncoder(config.text_2)
+    return models
+
+
+def assemble(config: StableDiffusionConfig, models: dict[str, torch.nn.Module], tokenizers: list[CLIPTokenizer]) -> StableDiffusion:
+    second = dict(tokenizer_2=tokenizers[1], text_encoder_2=models["text_encoder_2"]) if config.text_2 is not None else {}
+    return StableDiffusion(tokenizers[0], models["text_encoder"], models["unet"], models["vae"], config, **second)
+
+
+def bundled_tokenizers(config: StableDiffusionConfig) -> list[CLIPTokenizer]:
+    """Single files carry no tokenizer: CLIP's vocabulary is bundled; SDXL's second encoder pads with zeros."""
+    return [CLIPTokenizer.from_bundled(pad=config.pad)] + ([CLIPTokenizer.from_bundled(pad="zero")] if config.text_2 else [])
+
+
+def pipeline_models(pipe: StableDiffusion) -> dict[str, torch.nn.Module]:
+    models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    return models | ({"text_encoder_2": pipe.text_encoder_2} if pipe.text_encoder_2 is not None else {})
 
 
 def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None = None, ema: bool = True,
@@ -141,15 +170,13 @@ def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None =
     if config.family == "sd2" and chosen != config.prediction:
         config = config.with_(size=768 if chosen == "v" else 512)  # the v models are the 768 ones
     config = config.with_(prediction=chosen)
-    text_encoder, unet, vae = build_models(config)
-    layouts = single_file_layouts(config)
+    models, layouts = build_models(config), single_file_layouts(config)
     if ema and has_ema(state):
-        state = with_ema_weights(state, unet, layouts["unet"], source)
-    if config.family.startswith("sd2"):
-        state = from_openclip(state)
-    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+        state = with_ema_weights(state, models["unet"], layouts["unet"], source)
+    state = from_openclip(state)  # OpenCLIP encoders (SD 2, SDXL) fuse q/k/v; other keys pass untouched
+    for name, model in models.items():
         import_state_dict(model, state, layouts[name], f"{source} ({name})", assign=True)
-    pipe = StableDiffusion(CLIPTokenizer.from_bundled(pad=config.pad), text_encoder, unet, vae, config)
+    pipe = assemble(config, models, bundled_tokenizers(config))
     pipe.notes.append(f"prediction: {chosen} ({why})")
     return pipe
 
@@ -164,18 +191,19 @@ def save_single_file(pipe: StableDiffusion, path: str | Path) -> Path:
                          "an original single file needs all of it (keep the folder, or start from a single file)")
     layouts = single_file_layouts(pipe.config)
     state: dict[str, torch.Tensor] = {}
-    for name, model in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
-        state |= export_state_dict(model, layouts[name])
-    if pipe.config.family.startswith("sd2"):
-        state = to_openclip(state)
+    for name, model in pipeline_models(pipe).items():
+        exported = export_state_dict(model, layouts[name])
+        state |= to_openclip(exported) if layouts[name].prefix in (OPENCLIP_PREFIX, SDXL_PREFIXES[1]) else exported
     _atomic_safetensors({k: v.contiguous() for k, v in state.items()}, path)
     return path
 
 
 # --- diffusers folders ---------------------------------------------------------------------------
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-BIN_NAMES = {"unet": "diffusion_pytorch_model.bin", "vae": "diffusion_pytorch_model.bin", "text_encoder": "pytorch_model.bin"}
-PIPELINE_CLASSES = {"StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline"}
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
+BIN_NAMES = {name: ("pytorch_model.bin" if stem == "model" else f"{stem}.bin") for name, stem in WEIGHT_NAMES.items()}
+PIPELINE_CLASSES = {"StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline",
+                    "StableDiffusionXLPipeline"}
 
 
 def weight_file(folder: Path, component: str, variant: str | None = None) -> Path:
@@ -203,13 +231,17 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def family_of(unet: UNetConfig) -> str:
-    """SD 2 is the UNet with linear projections in its transformer blocks; SD 1 has 1×1 convolutions."""
+    """SDXL is the UNet with added (pooled text, size) conditioning; SD 2 has linear projections in its
+    transformer blocks, SD 1 1×1 convolutions."""
+    if unet.added_cond_dim:
+        return "sdxl"
     return ("sd2" if unet.linear_projection else "sd1") + ("-inpainting" if unet.in_channels == 9 else "")
 
 
 def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, prediction: str | None = None) -> StableDiffusion:
-    """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
-    the prediction type comes from ``scheduler_config.json`` unless ``prediction`` overrides it."""
+    """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``,
+    and for SDXL ``text_encoder_2/``, ``tokenizer_2/``); the prediction type comes from ``scheduler_config.json``
+    unless ``prediction`` overrides it."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
     if index.get("_class_name") not in PIPELINE_CLASSES:
@@ -217,34 +249,50 @@ def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, pre
     unet_cfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
     vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
     text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer")]
+    sdxl = {}
+    if (folder / "text_encoder_2").is_dir():  # SDXL's pipeline reads both encoders' raw penultimate states
+        penultimate = dict(output_layer=-2, final_norm_on_hidden=False)
+        text_cfg = text_cfg.with_(**penultimate)
+        text_2 = text_encoder_config_from_transformers(read_json(folder / "text_encoder_2" / "config.json")).with_(**penultimate)
+        tokenizers.append(CLIPTokenizer.from_pretrained(folder / "tokenizer_2"))
+        sdxl = dict(text_2=text_2, zero_uncond=index.get("force_zeros_for_empty_prompt", True))
     scheduler = scheduler_from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
     why = "the folder's scheduler_config.json"
     if prediction is not None:
         scheduler["prediction"], why = prediction, "set by the caller"
     size = read_json(folder / "unet" / "config.json").get("sample_size", 64) * vae_cfg.downsample_factor
-    config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad="zero" if tokenizer.pad_id == 0 else "eos",
-                                   family=family_of(unet_cfg), size=size, **scheduler)
-    text_encoder, unet, vae = build_models(config)
-    layouts = {"unet": unet_layout(unet_cfg, "diffusers"), "vae": vae_layout(vae_cfg, "diffusers"),
-               "text_encoder": text_encoder_layout(text_cfg, "transformers")}
-    for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+    config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad="zero" if tokenizers[0].pad_id == 0 else "eos",
+                                   family=family_of(unet_cfg), size=size, **scheduler, **sdxl)
+    models = build_models(config)
+    for name, model in models.items():
         path = weight_file(folder, name, variant)
-        import_state_dict(model, load_state_dict_file(path), layouts[name], str(path), assign=True)
-    pipe = StableDiffusion(tokenizer, text_encoder, unet, vae, config)
+        import_state_dict(model, load_state_dict_file(path), folder_layouts(config)[name], str(path), assign=True)
+    pipe = assemble(config, models, tokenizers)
     pipe.notes.append(f"prediction: {config.prediction} ({why})")
     return pipe
 
 
+def folder_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
+    layouts = {"unet": unet_layout(config.unet, "diffusers"), "vae": vae_layout(config.vae, "diffusers"),
+               "text_encoder": text_encoder_layout(config.text, "transformers")}
+    return layouts | ({"text_encoder_2": text_encoder_layout(config.text_2, "transformers")} if config.text_2 else {})
+
+
 def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
-    """Write the pipeline as a diffusers folder that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads."""
+    """Write the pipeline as a diffusers folder that diffusers' ``from_pretrained`` loads."""
     folder = Path(folder)
     c = pipe.config
-    index = {"_class_name": "StableDiffusionInpaintPipeline" if c.inpainting else "StableDiffusionPipeline",
-             "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
+    pipeline_class = "StableDiffusionXLPipeline" if c.text_2 else \
+        "StableDiffusionInpaintPipeline" if c.inpainting else "StableDiffusionPipeline"
+    index = {"_class_name": pipeline_class, "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    if c.text_2:
+        index |= {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": c.zero_uncond}
+    else:
+        index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
     scheduler = {"_class_name": "DDIMScheduler", "num_train_timesteps": c.schedule.num_train_timesteps,
                  "beta_schedule": kinds[c.schedule.kind], "beta_start": c.schedule.beta_start, "beta_end": c.schedule.beta_end,
@@ -257,16 +305,19 @@ def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
                "unet/config.json": unet_config_to_diffusers(c.unet) | {"sample_size": c.size // c.vae.downsample_factor},
                "vae/config.json": vae_config_to_diffusers(c.vae),
                "text_encoder/config.json": text_encoder_config_to_transformers(c.text)}
+    if c.text_2:
+        configs["text_encoder_2/config.json"] = text_encoder_config_to_transformers(c.text_2)
     for name, cfg in configs.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(cfg, indent=2))
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
-    layouts = {"unet": unet_layout(c.unet, "diffusers"), "vae": vae_layout(c.vae, "diffusers"),
-               "text_encoder": text_encoder_layout(c.text, "transformers")}
-    for name, model in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
+    if pipe.tokenizer_2 is not None:
+        pipe.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+    layouts = folder_layouts(c)
+    for name, model in pipeline_models(pipe).items():
         state = {k: v.contiguous() for k, v in export_state_dict(model, layouts[name]).items()}
-        if name == "text_encoder":  # a penultimate-layer encoder is written without the blocks it never runs, as diffusers does
-            used = configs["text_encoder/config.json"]["num_hidden_layers"]
+        if name.startswith("text_encoder"):  # an encoder read through its final norm early is cut there, as diffusers does
+            used = configs[f"{name}/config.json"]["num_hidden_layers"]
             state = {k: v for k, v in state.items() if not (m := re.search(r"\.layers\.(\d+)\.", k)) or int(m[1]) < used}
         _atomic_safetensors(state, folder / name / f"{WEIGHT_NAMES[name]}.safetensors")
     return folder
@@ -307,19 +358,16 @@ def inspect_checkpoint(path: str | Path, config: StableDiffusionConfig | None = 
     unrecognised: list[str] = []
     if path.is_dir():
         pipe = load_diffusers_folder(path)
-        config, ema, notes = pipe.config, False, pipe.notes
-        models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+        config, ema, notes, models = pipe.config, False, pipe.notes, pipeline_models(pipe)
         dtypes = {name: {p.dtype for p in m.parameters()} for name, m in models.items()}
     else:
         state, metadata = load_weight_file(path)
         config, ema = config or detect_config(state, str(path)), has_ema(state)
         prediction, why = choose_prediction(config, state, metadata, None)
         config, notes = config.with_(prediction=prediction), [f"prediction: {prediction} ({why})"]
-        if config.family.startswith("sd2"):
-            state = from_openclip(state)
-        models = dict(zip(("text_encoder", "unet", "vae"), build_models(config)))
-        names = {name: foreign_names(m, layout).values() for (name, m), layout in
-                 ((item, single_file_layouts(config)[item[0]]) for item in models.items())}
+        state = from_openclip(state)
+        models, layouts = build_models(config), single_file_layouts(config)
+        names = {name: foreign_names(m, layouts[name]).values() for name, m in models.items()}
         claimed = {n for ns in names.values() for n in ns} | {ema_key(n) for n in names["unet"]}
         unrecognised = sorted(k for k in state if k not in claimed and k not in SCHEDULE_BUFFERS and not k.endswith("position_ids"))
         dtypes = {name: {state[n].dtype for n in ns if n in state} for name, ns in names.items()}

@@ -54,6 +54,8 @@ class StableDiffusionConfig:
     pad: Literal["eos", "zero"] = "eos"
     family: str = "sd1"
     size: int = 512  # the image side the model was trained at: the default width and height
+    text_2: TextEncoderConfig | None = None  # SDXL's second text encoder (OpenCLIP bigG), padded with zeros
+    zero_uncond: bool = False  # no negative prompt → an all-zero unconditional context (SDXL's force_zeros_for_empty_prompt)
 
     @classmethod
     def sd15(cls) -> "StableDiffusionConfig":
@@ -74,6 +76,15 @@ class StableDiffusionConfig:
                    pad="zero", prediction=prediction, family="sd2-inpainting" if in_channels == 9 else "sd2",
                    size=768 if prediction == "v" else 512)
 
+    @classmethod
+    def sdxl(cls) -> "StableDiffusionConfig":
+        """SDXL base 1.0  [Podell et al. 2023]: two text encoders (CLIP ViT-L and OpenCLIP bigG, penultimate layers
+        without the final LayerNorm, concatenated into a 2048-wide context; bigG's pooled, projected output and the
+        image size enter the UNet's time embedding), a 3-level UNet with 1/2/10-deep transformers, 1024² images."""
+        return cls(unet=UNetConfig.sdxl(), vae=VAEConfig.sd().with_(scaling_factor=0.13025),
+                   text=TextEncoderConfig.clip_vit_l14_sdxl(), text_2=TextEncoderConfig.openclip_vit_bigg14(),
+                   spacing="leading", zero_uncond=True, family="sdxl", size=1024)
+
     def with_(self, **changes) -> "StableDiffusionConfig":
         return replace(self, **changes)
 
@@ -87,10 +98,14 @@ class StableDiffusion:
     ``pipe.unet(z_t, t, context)``, ``pipe.vae.decode(z)``, ``pipe.text_encoder(ids)``, ``pipe.tokenizer(texts)``."""
 
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: TextEncoder, unet: UNet, vae: AutoencoderKL,
-                 config: StableDiffusionConfig):
+                 config: StableDiffusionConfig, tokenizer_2: CLIPTokenizer | None = None,
+                 text_encoder_2: TextEncoder | None = None):
+        if (config.text_2 is None) != (text_encoder_2 is None) or (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("a second text encoder and tokenizer go together with config.text_2 (SDXL), or none of them")
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
         self.config = config
-        for model in (text_encoder, unet, vae):
+        for model in self.models:
             model.eval()
         self.autocast: torch.dtype | None = None  # e.g. torch.bfloat16: run the UNet under autocast
         self.notes: list[str] = []  # how the loader decided what the checkpoint does not say (e.g. ε or v)
@@ -120,10 +135,14 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae) if m is not None]
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "StableDiffusion":
-        """Move the models; ``dtype`` applies to the text encoder and UNet. The VAE stays in float32 when
+        """Move the models; ``dtype`` applies to the text encoders and UNet. The VAE stays in float32 when
         asked for float16: its decoder's activations overflow fp16's range (diffusers' ``force_upcast``)."""
-        for model in (self.text_encoder, self.unet):
+        for model in self.models[:-1]:
             model.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=torch.float32 if dtype == torch.float16 else dtype)
         return self
@@ -143,9 +162,19 @@ class StableDiffusion:
     @torch.inference_mode()
     def encode_prompt(self, prompts: Prompt) -> torch.Tensor:
         """Prompts → the hidden states the UNet cross-attends to, (B, 77, D)."""
-        ids = self.tokenizer([prompts] if isinstance(prompts, str) else list(prompts))
+        return self.embed_prompts(prompts)[0]
+
+    @torch.inference_mode()
+    def embed_prompts(self, prompts: Prompt) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts → (context (B, 77, D), pooled (B, P) or None). SDXL concatenates its two encoders' states
+        along D and pools with the second one."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         with self._autocast():
-            return self.text_encoder(ids.to(self.device)).to(self.dtype)
+            context = self.text_encoder(self.tokenizer(prompts).to(self.device))
+            if self.text_encoder_2 is None:
+                return context.to(self.dtype), None
+            second = self.text_encoder_2.encode(self.tokenizer_2(prompts).to(self.device))
+            return torch.cat([context, second.hidden], dim=-1).to(self.dtype), second.pooled.to(self.dtype)
 
     def _prompts(self, prompt: Prompt, negative_prompt: Prompt | None, n: int) -> tuple[list[str], list[str]]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -159,15 +188,22 @@ class StableDiffusion:
 
     # --- the denoiser the samplers run -----------------------------------------------------------
     def denoiser(self, uncond: torch.Tensor | None, guidance: float, extra: torch.Tensor | None = None,
-                 guidance_rescale: float = 0.0):
-        """The UNet as a sampler model: in its dtype (and autocast), with the inpainting channels
-        appended, guided by ``uncond`` at scale ``guidance`` when it is not 1."""
+                 guidance_rescale: float = 0.0, pooled: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 size_ids: torch.Tensor | None = None):
+        """The UNet as a sampler model: in its dtype (and autocast), with the inpainting channels appended
+        (``extra``), SDXL's pooled text and size conditioning (``pooled`` = (conditional, unconditional),
+        ``size_ids``), guided by ``uncond`` at scale ``guidance`` when it is not 1."""
 
         def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            if extra is not None:  # classifier-free guidance doubles the batch: repeat the mask channels to match
-                x = torch.cat([x, extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)], dim=1)
+            n = x.shape[0]  # classifier-free guidance runs [conditional; unconditional] as one batch
+            if extra is not None:
+                x = torch.cat([x, extra.repeat(n // extra.shape[0], 1, 1, 1)], dim=1)
+            added = {}
+            if pooled is not None:
+                vectors = pooled[0] if n == pooled[0].shape[0] else torch.cat(pooled)
+                added = dict(pooled=vectors, size_ids=size_ids.repeat(n // size_ids.shape[0], 1))
             with self._autocast():
-                return self.unet(x.to(self.dtype), t, context).float()
+                return self.unet(x.to(self.dtype), t, context, **added).float()
 
         return unet if guidance == 1.0 else classifier_free_guidance(unet, guidance, uncond, guidance_rescale)
 
@@ -209,8 +245,15 @@ class StableDiffusion:
         width, height = width or self.config.size, height or self.config.size
         shape = self.latent_shape(len(prompts), width, height)
         g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-        context = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negatives) if guidance_scale != 1.0 else None
+        context, pooled = self.embed_prompts(prompts)
+        uncond = uncond_pooled = None
+        if guidance_scale != 1.0 and self.config.zero_uncond and negative_prompt is None:
+            uncond, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled) if pooled is not None else None
+        elif guidance_scale != 1.0:
+            uncond, uncond_pooled = self.embed_prompts(negatives)
+        size_ids = None
+        if self.unet.config.added_cond_dim:  # SDXL micro-conditioning: original size, crop corner, target size
+            size_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
         opts = self.sampler_options(sampler) | options
         if self.config.inpainting and mask is None:
             raise ValueError("this is an inpainting model: pass image= and mask= (or use pipe.inpaint)")
@@ -226,7 +269,8 @@ class StableDiffusion:
         else:
             x_T = randn(shape, g, self.device) if latents is None else latents.to(self.device, torch.float32)
         extra = None if mask is None else self.inpainting_channels(image, mask, shape, g)
-        yield from loop(self.denoiser(uncond, guidance_scale, extra, guidance_rescale), self.schedule, x_T, cond=context,
+        added = dict(pooled=(pooled, uncond_pooled), size_ids=size_ids) if size_ids is not None else {}
+        yield from loop(self.denoiser(uncond, guidance_scale, extra, guidance_rescale, **added), self.schedule, x_T, cond=context,
                         generator=g, timesteps=timesteps, num_inference_steps=num_inference_steps, **opts)
 
     def __call__(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, progress: bool = True,
