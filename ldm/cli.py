@@ -85,7 +85,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
         class_label = torch.arange(args.n) % num_classes
         args.nrow = args.nrow or num_classes
     options = dict(sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=class_label,
-                   guidance=args.guidance)
+                   guidance=args.guidance)  # the rest (spacing, clipping, DDPM variance) comes from the model's config
     if args.sampler == "ddim":
         options["eta"] = args.eta
     out = Path(args.out)
@@ -104,7 +104,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
         gif = save_gif(frames, out.with_name(out.stem + "_trajectory.gif"), scale=3)
         print(f"trajectory: {strip} (top: x_t, bottom: predicted x0, at t = {[records[i][0] for i in keep]}), {gif}")
     else:
-        samples = model(args.n, **options)
+        samples = model(args.n, batch_size=args.batch_size, **options)
     save_grid(samples, out, nrow=args.nrow, scale=args.scale)
     print(f"wrote {out}")
     if args.npy:
@@ -177,12 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device")
     v.set_defaults(func=cmd_train_vae)
 
-    s = sub.add_parser("sample", help="sample from a trained run")
-    s.add_argument("run", help="run directory or checkpoint file")
+    s = sub.add_parser("sample", help="sample from a trained run or a diffusers DDPM/DDIM folder",
+                       epilog="A diffusers folder (e.g. google/ddpm-cifar10-32 or google/ddpm-church-256, downloaded) is "
+                              "sampled with its scheduler's settings: x0 clipping, DDPM variance, timestep spacing.")
+    s.add_argument("run", help="run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     s.add_argument("--steps", type=int, default=50, help="number of inference steps")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
     s.add_argument("--n", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=128,
+                   help="samples per UNet batch (lower it to save memory: a 256×256 DDPM model needs about 0.3 GB per sample)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class", dest="class_label", type=int,
                    help="class label for a class-conditional model (default: every class in turn, a column each)")

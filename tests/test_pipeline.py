@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ldm.loop import LoopConfig
-from ldm.pipeline import DiffusionPipeline, slerp
-from ldm.schedule import NoiseSchedule
+from ldm.pipeline import DiffusionPipeline, SamplingConfig, slerp
+from ldm.schedule import NoiseSchedule, ScheduleConfig
 from ldm.train import TrainConfig
 from ldm.unet import UNet, UNetConfig
 
@@ -78,3 +78,64 @@ def test_conditioning_errors_are_named(pipe):
         unconditional(2, guidance=3.0, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="unconditional"):
         unconditional(2, class_label=1, num_inference_steps=2, progress=False)
+
+
+def test_a_train_config_is_read_as_its_sampling_part(pipe):
+    assert pipe.config == SamplingConfig(unet=UNET, schedule=ScheduleConfig(), prediction="eps", clip_x0=True)
+    with pytest.raises(ValueError, match="unknown variance"):
+        SamplingConfig(unet=UNET, variance="learned")
+
+
+def test_sampler_options_follow_the_config(pipe):
+    """Spacing, steps_offset, DDPM variance and DDIM's final ᾱ come from the config; call options override it."""
+    spy = Spy(pipe.unet)
+    config = SamplingConfig(unet=UNET, steps_offset=1, variance="fixed_large", set_alpha_to_one=False, clip_x0=False)
+    shifted = DiffusionPipeline(spy, pipe.schedule, config)
+    shifted(1, sampler="ddpm", num_inference_steps=5, class_label=0, progress=False)
+    assert spy.seen == [801, 601, 401, 201, 1]
+    options = shifted.sampler_options("ddim", 5)
+    assert options["final_alpha_bar"] == pytest.approx(1 - 1e-4) and not options["clip_x0"]
+    assert shifted.sampler_options("ddpm", 5)["variance"] == "fixed_large"
+    spy.seen.clear()
+    shifted(1, sampler="ddim", num_inference_steps=4, class_label=0, progress=False, spacing="trailing")
+    assert spy.seen == [999, 749, 499, 249]
+    unspaced = DiffusionPipeline(pipe.unet, pipe.schedule, SamplingConfig(unet=UNET, spacing=None))  # diffusers' defaults
+    assert unspaced.timesteps("ddim", 4).tolist() == [750, 500, 250, 0]
+    assert unspaced.timesteps("euler", 4).tolist() == [999, 666, 333, 0]
+
+
+def test_a_hand_written_diffusers_folder_loads_without_diffusers(pipe, tmp_path):
+    """A UNet2DModel folder in the Google configs' form (written here by ldm's own export, so no diffusers is
+    needed): the pipeline it loads samples exactly as the pipeline it was written from."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ldm.convert import export_state_dict, unet_layout
+
+    unet_config = UNET.with_(num_classes=None, in_channels=3, out_channels=3, flip_sin_to_cos=False, freq_shift=1.0,
+                             asymmetric_downsample=True, norm_eps=1e-6, attention=(False, True), mid_attention=True)
+    torch.manual_seed(0)
+    unet = UNet(unet_config).eval()
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    (tmp_path / "unet").mkdir()
+    weights = export_state_dict(unet, unet_layout(unet_config, "diffusers"))
+    save_file(weights, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({
+        "_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 3, "out_channels": 3, "block_out_channels": [16, 32],
+        "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": None, "norm_num_groups": 8, "norm_eps": 1e-6, "flip_sin_to_cos": False,
+        "freq_shift": 1, "downsample_padding": 0, "act_fn": "silu", "center_input_sample": False,
+        "time_embedding_type": "positional"}))
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": True,
+        "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_large"}))
+    loaded = DiffusionPipeline.from_run(tmp_path)
+    expected_config = SamplingConfig(unet=unet_config.with_(dropout=0.0), variance="fixed_large", spacing=None)
+    assert loaded.config == expected_config
+    original = DiffusionPipeline(unet, NoiseSchedule(), expected_config)
+    for sampler in ("ddim", "ddpm"):
+        assert torch.equal(loaded(2, sampler=sampler, num_inference_steps=4, seed=5, progress=False),
+                           original(2, sampler=sampler, num_inference_steps=4, seed=5, progress=False))
