@@ -130,17 +130,19 @@ def test_sd15_preset_has_the_published_size_and_names():
 
 
 @pytest.mark.slow
-def test_sd15_unet_at_full_size_matches_diffusers():
+@pytest.mark.parametrize("family", ["sd15", "sd2"])
+def test_sd_unet_at_full_size_matches_diffusers(family):
     torch.manual_seed(0)
+    options = dict(cross_attention_dim=768, attention_head_dim=8) if family == "sd15" else \
+        dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
     ref = diffusers.UNet2DConditionModel(
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2).eval()
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, **options).eval()
     config = unet_config_from_diffusers(dict(ref.config))
-    assert config == UNetConfig.sd15()
+    assert config == getattr(UNetConfig, family)()
     with torch.device("meta"):
         ours = UNet(config)
     import_state_dict(ours, ref.state_dict(), unet_layout(config, "diffusers"), "diffusers UNet", assign=True)
-    x, t, ctx = torch.randn(2, 4, 32, 40), torch.tensor([1, 999]), torch.randn(2, 77, 768)
+    x, t, ctx = torch.randn(2, 4, 32, 40), torch.tensor([1, 999]), torch.randn(2, 77, config.context_dim)
     with torch.no_grad():
         assert rel(ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample) < 1e-4
