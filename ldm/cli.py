@@ -144,7 +144,8 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm", description="Readable diffusion models: train, sample, evaluate; Stable Diffusion text-to-image.")
+    parser = argparse.ArgumentParser(
+        prog="ldm", description="Readable diffusion models: train, sample, evaluate; Stable Diffusion text-to-image.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a pixel-space diffusion model",

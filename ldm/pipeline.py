@@ -304,7 +304,8 @@ def forward_strip(schedule: NoiseSchedule, images: torch.Tensor, timesteps: Sequ
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images)
     t = torch.as_tensor(list(timesteps), dtype=torch.long)
     k = len(t)
-    return torch.cat([q_sample(schedule, x0.expand(k, *x0.shape), t, eps.expand(k, *eps.shape)) for x0, eps in zip(images, noise)])
+    return torch.cat([q_sample(schedule, x0.expand(k, *x0.shape), t, eps.expand(k, *eps.shape))
+                      for x0, eps in zip(images, noise)])
 
 
 # --- diffusers DDPM/DDIM folders -------------------------------------------------------------------------

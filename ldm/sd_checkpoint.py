@@ -24,9 +24,10 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, load_state_dict_file, load_weight_file
-from .convert import (Layout, from_openclip, scheduler_from_diffusers, to_openclip, export_state_dict, foreign_names, import_state_dict, take_prefix, text_encoder_config_from_transformers,
-                      text_encoder_config_to_transformers, text_encoder_layout, unet_config_from_diffusers,
-                      unet_config_to_diffusers, unet_layout, vae_config_from_diffusers, vae_config_to_diffusers, vae_layout)
+from .convert import (Layout, export_state_dict, foreign_names, from_openclip, import_state_dict, scheduler_from_diffusers,
+                      text_encoder_config_from_transformers, text_encoder_config_to_transformers, text_encoder_layout,
+                      to_openclip, unet_config_from_diffusers, unet_config_to_diffusers, unet_layout,
+                      vae_config_from_diffusers, vae_config_to_diffusers, vae_layout)
 from .stable_diffusion import StableDiffusion, StableDiffusionConfig
 from .text_encoder import TextEncoder
 from .tokenizer import CLIPTokenizer
@@ -63,7 +64,8 @@ def detect_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint
     if conv_in is None:
         prefixes = sorted({k.split(".")[0] for k in state_dict})
         raise UnsupportedCheckpoint(f"{source} is not a Stable Diffusion checkpoint: no {UNET_PREFIX}input_blocks.0.0.weight; "
-                                    f"top-level names found: {', '.join(prefixes[:12])}; known families: SD 1.x, SD 2.x, SDXL base")
+                                    f"top-level names found: {', '.join(prefixes[:12])}; "
+                                    "known families: SD 1.x, SD 2.x, SDXL base")
     to_k = state_dict.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     context = None if to_k is None else to_k.shape[1]
     channels = conv_in.shape[1]
@@ -142,7 +144,8 @@ def build_models(config: StableDiffusionConfig) -> dict[str, torch.nn.Module]:
     return models
 
 
-def assemble(config: StableDiffusionConfig, models: dict[str, torch.nn.Module], tokenizers: list[CLIPTokenizer]) -> StableDiffusion:
+def assemble(config: StableDiffusionConfig, models: dict[str, torch.nn.Module],
+             tokenizers: list[CLIPTokenizer]) -> StableDiffusion:
     second = dict(tokenizer_2=tokenizers[1], text_encoder_2=models["text_encoder_2"]) if config.text_2 is not None else {}
     return StableDiffusion(tokenizers[0], models["text_encoder"], models["unet"], models["vae"], config, **second)
 
@@ -218,7 +221,8 @@ def weight_file(folder: Path, component: str, variant: str | None = None) -> Pat
     others = sorted(p.name for p in (folder / component).glob(f"{stem}*") if p.suffix in (".safetensors", ".bin"))
     if len(others) == 1:
         return folder / component / others[0]
-    raise CheckpointError(f"no weights for {component} in {folder / component} (looked for {', '.join(names)}; found {others or 'none'})")
+    raise CheckpointError(f"no weights for {component} in {folder / component} "
+                          f"(looked for {', '.join(names)}; found {others or 'none'})")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -245,7 +249,8 @@ def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, pre
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
     if index.get("_class_name") not in PIPELINE_CLASSES:
-        raise UnsupportedCheckpoint(f"{folder} holds a {index.get('_class_name')}; supported: {', '.join(sorted(PIPELINE_CLASSES))}")
+        raise UnsupportedCheckpoint(f"{folder} holds a {index.get('_class_name')}; "
+                                    f"supported: {', '.join(sorted(PIPELINE_CLASSES))}")
     unet_cfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
     vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
     text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
@@ -369,7 +374,8 @@ def inspect_checkpoint(path: str | Path, config: StableDiffusionConfig | None = 
         models, layouts = build_models(config), single_file_layouts(config)
         names = {name: foreign_names(m, layouts[name]).values() for name, m in models.items()}
         claimed = {n for ns in names.values() for n in ns} | {ema_key(n) for n in names["unet"]}
-        unrecognised = sorted(k for k in state if k not in claimed and k not in SCHEDULE_BUFFERS and not k.endswith("position_ids"))
+        unrecognised = sorted(k for k in state
+                              if k not in claimed and k not in SCHEDULE_BUFFERS and not k.endswith("position_ids"))
         dtypes = {name: {state[n].dtype for n in ns if n in state} for name, ns in names.items()}
     return {
         "path": str(path), "format": "diffusers folder" if path.is_dir() else "single file", "family": config.family,

@@ -277,9 +277,9 @@ class StableDiffusion:
                  **options) -> list[Image.Image]:
         """Text (and optionally image) to images: one PIL image per prompt × num_images_per_prompt.
 
-        Options as in ``loop``: width, height (multiples of 8; default the model's training size), num_inference_steps, guidance_scale,
-        sampler ("dpm++2m", "euler_a", "euler", "ddim", "ddpm"), seed, num_images_per_prompt,
-        image + strength (img2img), image + mask (inpainting), latents (x_T).
+        Options as in ``loop``: width, height (multiples of 8; default the model's training size),
+        num_inference_steps, guidance_scale, guidance_rescale, sampler ("dpm++2m", "euler_a", "euler", "ddim",
+        "ddpm"), seed, num_images_per_prompt, image + strength (img2img), image + mask (inpainting), latents (x_T).
         """
         record = None
         for record in tqdm(self.loop(prompt, negative_prompt, **options), total=self.steps_run(**options),

@@ -11,7 +11,7 @@ and every foreign key is either claimed by exactly one ldm parameter or reported
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 import torch
@@ -108,9 +108,4 @@ def import_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], lay
     return model
 
 
-def take_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries under ``prefix``, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-__all__ = ["Layout", "Rule", "export_state_dict", "foreign_names", "import_state_dict", "rename", "take_prefix"]
+__all__ = ["Layout", "Rule", "export_state_dict", "foreign_names", "import_state_dict", "rename"]

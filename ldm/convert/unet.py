@@ -106,7 +106,6 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     if any(w % base for w in widths):
         raise ValueError(f"block_out_channels {widths} are not multiples of the first")
     down_types = cfg["down_block_types"]
-    levels = len(widths)
     known = {"DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D"}
     if unknown := set(down_types) - known:
         raise ValueError(f"unsupported diffusers down block types {sorted(unknown)} (supported: {sorted(known)})")

@@ -71,5 +71,8 @@ def sample(
     return record.x_prev
 
 
-__all__ = ["DEFAULT_SPACING", "SAMPLERS", "Model", "StepRecord", "classifier_free_guidance", "ddim", "ddpm", "dpm_solver_timesteps", "dpmpp_2m",
-           "euler", "euler_ancestral", "euler_timesteps", "get_sampler", "randn", "sample", "sampler_timesteps"]
+__all__ = [
+    "DEFAULT_SPACING", "SAMPLERS", "Model", "StepRecord", "classifier_free_guidance", "ddim", "ddpm",
+    "dpm_solver_timesteps", "dpmpp_2m", "euler", "euler_ancestral", "euler_timesteps", "get_sampler", "randn",
+    "sample", "sampler_timesteps",
+]

@@ -27,7 +27,8 @@ class StepRecord:
 SamplerLoop = Iterator[StepRecord]
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device (CPU by default) and moved to ``device``.
 
     Drawing on the CPU makes a seed give the same image on any accelerator.
