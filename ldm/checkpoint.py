@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickletools
 import re
@@ -133,7 +134,7 @@ def _load_pickled_weights(path: Path) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:
             error = e
-    # Keep torch's diagnosis, not its advice to retry with weights_only=False.
+    # Keep torch's diagnosis, not its advice to retry with the safety turned off.
     reason = re.split(r"Please use|Check the documentation", str(error).split("WeightsUnpickler error:")[-1])[0].strip()
     raise CheckpointError(f"cannot read {path} (truncated, corrupt, or not a torch weight file): {reason}") from error
 
@@ -198,3 +199,13 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
                 lines.append(f"  {title}: {shown}")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict, assign=assign)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON config file of a checkpoint folder, with errors that name the file."""
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e

@@ -8,7 +8,6 @@ Everything the samplers see is in "model space" (pixels in [−1, 1], or scaled 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_state_dict_file, load_weights
+from .checkpoint import CheckpointError, load_state_dict_file, load_weights, read_json
 from .convert import (ddpm_sampling_from_diffusers, import_state_dict, scheduler_from_diffusers, unet_config_from_diffusers,
                       unet_layout)
 from .diffusion import PREDICTIONS, Prediction, q_sample
@@ -311,15 +310,6 @@ def forward_strip(schedule: NoiseSchedule, images: torch.Tensor, timesteps: Sequ
 # --- diffusers DDPM/DDIM folders -------------------------------------------------------------------------
 PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
 def is_diffusers_folder(path: str | Path) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, load_state_dict_file, load_weight_file
+from .checkpoint import CheckpointError, load_state_dict_file, load_weight_file, read_json
 from .convert import (Layout, export_state_dict, foreign_names, from_openclip, import_state_dict, scheduler_from_diffusers,
                       text_encoder_config_from_transformers, text_encoder_config_to_transformers, text_encoder_layout,
                       to_openclip, unet_config_from_diffusers, unet_config_to_diffusers, unet_layout,
@@ -223,15 +223,6 @@ def weight_file(folder: Path, component: str, variant: str | None = None) -> Pat
         return folder / component / others[0]
     raise CheckpointError(f"no weights for {component} in {folder / component} "
                           f"(looked for {', '.join(names)}; found {others or 'none'})")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
 def family_of(unet: UNetConfig) -> str:
