@@ -10,7 +10,7 @@ float32 between steps whatever the weights' dtype; the UNet sees them in its own
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -102,6 +102,14 @@ class StableDiffusion:
                  text_encoder_2: TextEncoder | None = None):
         if (config.text_2 is None) != (text_encoder_2 is None) or (text_encoder_2 is None) != (tokenizer_2 is None):
             raise ValueError("a second text encoder and tokenizer go together with config.text_2 (SDXL), or none of them")
+        pairs = {"unet": (unet.config, config.unet), "vae": (vae.config, config.vae), "text": (text_encoder.config, config.text)}
+        if text_encoder_2 is not None:
+            pairs["text_2"] = (text_encoder_2.config, config.text_2)
+        for name, (built, said) in pairs.items():
+            if built != said:  # the schedule, sizes and loaders read the config, the computation uses the module
+                diff = [f"{f.name}={getattr(said, f.name)!r} (module: {getattr(built, f.name)!r})"
+                        for f in fields(said) if getattr(said, f.name) != getattr(built, f.name)]
+                raise ValueError(f"config.{name} does not describe the {name} module passed in: {', '.join(diff)}")
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
         self.config = config

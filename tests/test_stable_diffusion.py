@@ -354,3 +354,13 @@ def test_sd2_prediction_is_chosen_from_what_the_file_says():
     assert choose_prediction(sd2, {}, {"global_step": 875000}, "v") == ("v", "set by the caller")
     assert choose_prediction(StableDiffusionConfig.sd2(in_channels=9), {}, {}, None)[0] == "eps"
     assert choose_prediction(StableDiffusionConfig.sd15(), {}, {}, None)[0] == "eps"
+
+
+def test_a_config_that_does_not_describe_the_modules_is_refused(reference):
+    from ldm.stable_diffusion import StableDiffusion
+
+    _, folder = reference
+    pipe = load_pipeline(folder)
+    wrong = pipe.config.with_(unet=pipe.config.unet.with_(num_heads=2))
+    with pytest.raises(ValueError, match=r"config.unet does not describe the unet module passed in: num_heads=2 \(module: 4\)"):
+        StableDiffusion(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, wrong)
