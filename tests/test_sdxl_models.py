@@ -5,7 +5,6 @@ in the transformers layout and the SDXL single-file layouts."""
 
 import pytest
 import torch
-from torch import nn
 
 from ldm.convert import (export_state_dict, foreign_names, from_openclip, import_state_dict,
                          text_encoder_config_from_transformers, text_encoder_config_to_transformers,
@@ -13,6 +12,7 @@ from ldm.convert import (export_state_dict, foreign_names, from_openclip, import
                          unet_layout)
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.unet import UNet, UNetConfig
+from test_text_encoder import loud, rel
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -40,19 +40,6 @@ SDXL_TEXT_ENCODER_2 = SDXL_TEXT_ENCODER | {
 }
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def loud(model: nn.Module, std: float = 0.05) -> nn.Module:
-    """Random weights everywhere (norm gains around 1), so that no path hides behind a zero or an identity."""
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        gain = "norm" in name and name.endswith("weight")
-        nn.init.normal_(p, mean=1.0 if gain else 0.0, std=0.1 if gain else std)
-    return model.eval()
-
-
 # ── UNet: added "text_time" conditioning ─────────────────────────────────────────────────────────────────────────
 
 def tiny_sdxl_unet():
@@ -62,7 +49,7 @@ def tiny_sdxl_unet():
         sample_size=16, block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4),
         transformer_layers_per_block=(1, 2, 2), cross_attention_dim=48, norm_num_groups=8,
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
-    return loud(diffusers.UNet2DConditionModel(**kwargs))
+    return loud(diffusers.UNet2DConditionModel(**kwargs), std=0.05)
 
 
 def sdxl_inputs(batch=2, pooled_dim=16, context_dim=48, size=16):

@@ -18,18 +18,20 @@ pytestmark = pytest.mark.reference
 SIZE = 32  # pixels; the tiny VAE halves once → 16×16 latents
 
 
-def tiny_components(in_channels=4):
+def tiny_components(in_channels=4, unet_options=None, text_options=None):
+    """Random-weight diffusers UNet and VAE and a transformers CLIP text model, SD 1-shaped unless told otherwise."""
     torch.manual_seed(0)
+    unet_options = dict(cross_attention_dim=32, attention_head_dim=4) | (unet_options or {})
     unet = diffusers.UNet2DConditionModel(
         sample_size=SIZE // 2, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-    )
+        norm_num_groups=8, **unet_options)
     vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text_options = dict(hidden_size=32, intermediate_size=64, hidden_act="quick_gelu", pad_token_id=49407) | (text_options or {})
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+        vocab_size=49408, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+        eos_token_id=49407, **text_options))
     for model in (unet, vae, text):
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.05)

@@ -2,12 +2,11 @@
 and 64-channel-style heads — against diffusers with the same tiny random weights, as a folder and as a single file."""
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from ldm.sd_checkpoint import inspect_checkpoint, load_pipeline, save_diffusers_folder, save_single_file
 from ldm.text_encoder import TextEncoder
-from test_stable_diffusion import SIZE, our_images, ref_images, write_vocab
+from test_stable_diffusion import our_images, ref_images, tiny_components, write_vocab
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -18,19 +17,9 @@ pytestmark = pytest.mark.reference
 def sd2(tmp_path_factory):
     """A diffusers SD 2-style pipeline: as diffusers stores SD 2, the text encoder holds only the blocks it runs."""
     folder = tmp_path_factory.mktemp("sd2")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
-    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
-    for model in (unet, vae, text):
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.05)
+    unet, vae, text = tiny_components(
+        unet_options=dict(cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True),
+        text_options=dict(hidden_size=48, intermediate_size=96, hidden_act="gelu", pad_token_id=0))
     tokenizer = write_vocab(folder / "vocab")
     tokenizer.pad_token = "!"  # OpenCLIP pads with id 0
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
