@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import derived
 from .blocks import zero_init
+from .conv import Conv2d
 
 
 def multihead_attention(
@@ -31,6 +33,25 @@ def multihead_attention(
     return rearrange(out, "b h l d -> b l (h d)")
 
 
+def stacked_projection(owner: nn.Module, name: str, layers: tuple[nn.Linear, ...], x: torch.Tensor):
+    """(W₁x + b₁, W₂x + b₂, …) for linear layers that read the same x, computed as one product
+    [W₁; W₂; …] x + [b₁; b₂; …] and split: one GEMM three times as wide as Q, K and V's runs 1.3–2.5× faster
+    on the CPU than three (small, thin products spend much of their time packing and threading). The
+    layers keep their own weights (checkpoints see no change); the stacked copy is ``ldm.derived``-cached
+    on ``owner`` under ``name``. While autograd records, the layers run one by one.
+    """
+    if derived.wants_grad(x, owner):
+        return tuple(layer(x) for layer in layers)
+    sources = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
+
+    def stack(*tensors):
+        n = len(layers)
+        return torch.cat(tensors[:n]), (torch.cat(tensors[n:]) if len(tensors) > n else None)
+
+    weight, bias = derived.derived(owner, name, sources, stack)
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+
+
 def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
     """Make every attention layer in ``model`` attend ``chunk`` queries at a time (None: all at once)."""
     if chunk is not None and chunk < 1:
@@ -40,7 +61,7 @@ def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
             module.chunk = chunk
 
 
-class SelfAttentionBlock(nn.Module):
+class SelfAttentionBlock(derived.CachesDerived):
     """Residual self-attention over all H·W positions, as in the DDPM UNet  [Ho et al. 2020, App. B].
 
         out = x + W_o · Attention(W_q·GN(x), W_k·GN(x), W_v·GN(x))
@@ -62,11 +83,12 @@ class SelfAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, H, W = x.shape
         h = rearrange(self.norm(x), "b c h w -> b (h w) c")
-        h = multihead_attention(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, chunk=self.chunk)
+        q, k, v = stacked_projection(self, "qkv", (self.to_q, self.to_k, self.to_v), h)
+        h = multihead_attention(q, k, v, self.heads, chunk=self.chunk)
         return x + rearrange(self.to_out(h), "b (h w) c -> b c h w", h=H, w=W)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(derived.CachesDerived):
     """Multi-head attention from image tokens x to a context sequence (itself when context is None).
 
         Attention(W_q x, W_k c, W_v c) → W_o          [Rombach et al. 2022, Eq. 3]
@@ -85,8 +107,10 @@ class CrossAttention(nn.Module):
         self.chunk: int | None = None  # see set_attention_chunk
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if context is None:
+            q, k, v = stacked_projection(self, "qkv", (self.to_q, self.to_k, self.to_v), x)
+        else:
+            q, (k, v) = self.to_q(x), stacked_projection(self, "kv", (self.to_k, self.to_v), context)
         return self.to_out(multihead_attention(q, k, v, self.heads, mask, self.chunk))
 
 
@@ -131,9 +155,9 @@ class SpatialTransformer(nn.Module):
         inner = heads * head_dim
         self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear_projection else Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
-        proj_out = nn.Linear(inner, channels) if linear_projection else nn.Conv2d(inner, channels, 1)
+        proj_out = nn.Linear(inner, channels) if linear_projection else Conv2d(inner, channels, 1)
         self.proj_out = zero_init(proj_out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

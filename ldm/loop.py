@@ -27,6 +27,7 @@ from .checkpoint import CheckpointError, atomic_save, load_weights, safe_load
 from .config import from_dict, load_json, save_json, to_dict
 from .data import ImageDataset
 from .ema import EMA
+from .gradient_checkpointing import set_gradient_checkpointing
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -44,6 +45,7 @@ class LoopConfig:
     ema_decay: float = 0.999  # 0 keeps the EMA equal to the raw weights
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where the hardware has it
     channels_last: bool = False
+    gradient_checkpointing: bool = False  # recompute each stage in backward: less memory, ~⅓ more compute per step
     steps: int | None = None  # total optimizer steps, counting resumed ones
     max_minutes: float | None = None  # wall-clock budget of one invocation
     checkpoint_every: int = 500
@@ -146,6 +148,8 @@ class TrainLoop:
         self.model = model.to(self.device)
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if c.gradient_checkpointing:  # a runtime switch, not the model's config: a resume may turn it on or off
+            set_gradient_checkpointing(self.model)
         self.ema = EMA(self.model, c.ema_decay)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")

@@ -29,6 +29,8 @@ def load(args: argparse.Namespace):
         pipe.autocast = torch.bfloat16
     if args.attention_slice:
         pipe.enable_attention_slicing(args.attention_slice)
+    if args.vae_tile is not None:
+        pipe.enable_vae_tiling(args.vae_tile)
     return pipe
 
 
@@ -53,7 +55,7 @@ def generate(args: argparse.Namespace, extra: list[str]) -> None:
     for record in tqdm(pipe.loop(args.prompt, **options), total=pipe.steps_run(**options), desc="denoise"):
         if args.trajectory:
             records.append(record.x0_pred)
-    images = pipe.to_pil(pipe.decode(record.x_prev, tile=args.vae_tile))
+    images = pipe.to_pil(pipe.decode(record.x_prev))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
@@ -61,7 +63,7 @@ def generate(args: argparse.Namespace, extra: list[str]) -> None:
         image.save(path)
     if args.trajectory:  # decoded x̂_0 at a handful of steps: how the image emerges
         keep = sorted({round(i * (len(records) - 1) / 7) for i in range(8)})
-        frames = torch.cat([pipe.decode(records[i][:1], tile=args.vae_tile) for i in keep])
+        frames = torch.cat([pipe.decode(records[i][:1]) for i in keep])
         from .images import save_grid
 
         save_grid(frames, out.with_name(f"{out.stem}_trajectory.png"), nrow=len(keep))
@@ -123,7 +125,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default fp16 on CUDA, fp32 on CPU)")
         p.add_argument("--autocast", action="store_true", help="run the UNet under bf16 autocast (fast on CPUs with bf16)")
         p.add_argument("--attention-slice", type=int, help="attend this many positions at a time (less memory)")
-        p.add_argument("--vae-tile", type=int, help="decode in tiles of this many latent pixels (large images, less memory)")
+        p.add_argument("--vae-tile", type=int, help="encode and decode in tiles of this many latent pixels "
+                       "(8× as many image pixels; large images, less memory; 64 is a good start)")
         p.add_argument("--variant", help="diffusers weight variant to prefer, e.g. fp16")
         p.add_argument("--raw-weights", action="store_true", help="single files: the non-EMA UNet weights")
         p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet predicts, when the checkpoint cannot "

@@ -27,7 +27,7 @@ from .schedule import NoiseSchedule, ScheduleConfig, Spacing
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from .vae import AutoencoderKL, VAEConfig, check_tile
 
 Prompt = str | Sequence[str]
 ImageInput = Image.Image | torch.Tensor
@@ -116,6 +116,7 @@ class StableDiffusion:
         for model in self.models:
             model.eval()
         self.autocast: torch.dtype | None = None  # e.g. torch.bfloat16: run the UNet under autocast
+        self.vae_tile: int | None = None  # see enable_vae_tiling
         self.notes: list[str] = []  # how the loader decided what the checkpoint does not say (e.g. ε or v)
 
     @property
@@ -160,6 +161,15 @@ class StableDiffusion:
         less peak memory on backends whose attention materialises the score matrix."""
         for model in (self.unet, self.vae):
             set_attention_chunk(model, chunk)
+
+    def enable_vae_tiling(self, tile: int | None = 64) -> None:
+        """Encode (img2img, inpainting) and decode through the VAE in overlapping tiles of ``tile`` latent
+        pixels (tile·8 image pixels for SD's VAE; None turns it off), so the VAE's peak memory is that of one
+        tile — at 1024² and above the VAE's whole-image activations are most of the pipeline's peak. Tiles are
+        cross-faded, not exact (each sees only its own GroupNorm statistics and attention; see
+        ``ldm.vae.AutoencoderKL.decode``), so keep them large: 64 is 512 pixels, the size SD 1.x was trained at."""
+        check_tile(tile)
+        self.vae_tile = tile
 
     def _autocast(self):
         if self.autocast is None:
@@ -327,17 +337,19 @@ class StableDiffusion:
         return image.to(self.device, torch.float32)
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [−1, 1] → scaled latents s·z, z sampled from the VAE posterior (its mean without a generator)."""
-        posterior = self.vae.encode(images.to(self.vae_dtype))
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, tile: int | None = None) -> torch.Tensor:
+        """Images in [−1, 1] → scaled latents s·z, z sampled from the VAE posterior (its mean without a generator);
+        in tiles of ``tile`` latent pixels, by default those of ``enable_vae_tiling``."""
+        posterior = self.vae.encode(images.to(self.vae_dtype), tile=self.vae_tile if tile is None else tile)
         z = posterior.mode() if generator is None else posterior.sample(generator)
         return z.float() * self.vae.config.scaling_factor
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        """Scaled latents → images in [−1, 1]; ``tile`` (in latent pixels) decodes large images piece by piece."""
+        """Scaled latents → images in [−1, 1]; ``tile`` (in latent pixels) decodes large images piece by piece,
+        by default in the tiles of ``enable_vae_tiling`` (none unless it was called)."""
         z = (latents / self.vae.config.scaling_factor).to(self.vae_dtype)
-        return self.vae.decode(z, tile=tile).float().clamp(-1, 1)
+        return self.vae.decode(z, tile=self.vae_tile if tile is None else tile).float().clamp(-1, 1)
 
     @property
     def vae_dtype(self) -> torch.dtype:

@@ -21,6 +21,8 @@ from torch import nn
 
 from .attention import SelfAttentionBlock, SpatialTransformer
 from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, timestep_embedding, zero_init
+from .conv import Conv2d
+from .gradient_checkpointing import run_stage
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ class UNet(nn.Module):
     (see ``added_embedding``).
     """
 
+    gradient_checkpointing = False  # recompute each stage in backward (ldm.gradient_checkpointing)
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
@@ -171,7 +175,7 @@ class UNet(nn.Module):
             if c.num_classes else None
         # only TimestepEmbedding's two layers are used here: added_embedding builds the input features itself
         self.add_embedding = TimestepEmbedding(c.added_cond_dim, emb_dim) if c.added_cond_dim else None
-        self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, c.channels, 3, padding=1)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout=c.dropout, groups=c.norm_groups, eps=c.norm_eps, scale_shift=c.scale_shift)
@@ -212,7 +216,7 @@ class UNet(nn.Module):
                 self.up.append(UNetStage(layers))
 
         self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=c.norm_eps)
-        self.conv_out = zero_init(nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        self.conv_out = zero_init(Conv2d(ch, c.out_channels, 3, padding=1))
         for module in self.modules():
             if isinstance(module, ResBlock):
                 zero_init(module.conv2)
@@ -297,11 +301,11 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb, context, mask)
+            h = run_stage(self, stage, h, emb, context, mask)
             skips.append(h)
-        h = self.mid(h, emb, context, mask)
+        h = run_stage(self, self.mid, h, emb, context, mask)
         for stage in self.up:
             # an odd size rounds up when halved; upsampling then goes back to the skip's exact size
             h = torch.cat([h, skips.pop()], dim=1)
-            h = stage(h, emb, context, mask, skips[-1].shape[-2:] if skips else None)
+            h = run_stage(self, stage, h, emb, context, mask, skips[-1].shape[-2:] if skips else None)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -10,6 +10,7 @@ The diffusion model works on z · scaling_factor, which has roughly unit varianc
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from torch import nn
 
 from .attention import SelfAttentionBlock
 from .blocks import Downsample, ResBlock, Upsample
+from .conv import Conv2d
+from .gradient_checkpointing import run_stage
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,11 @@ def _mid(ch: int, groups: int, eps: float, attention: bool) -> nn.Sequential:
 class Encoder(nn.Module):
     """x (B, C, H, W) → (B, 2z, H/f, W/f): ResBlocks, stride-2 downsampling (padded right/bottom), mid attention."""
 
+    gradient_checkpointing = False  # recompute each stage in backward (ldm.gradient_checkpointing)
+
     def __init__(self, c: VAEConfig):
         super().__init__()
-        self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, c.channels, 3, padding=1)
         self.down = nn.ModuleList()
         ch = c.channels
         for level, mult in enumerate(c.channel_mult):
@@ -109,22 +114,24 @@ class Encoder(nn.Module):
             self.down.append(nn.Sequential(*layers))
         self.mid = _mid(ch, c.norm_groups, c.norm_eps, c.mid_attention)
         self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(ch, 2 * c.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            h = stage(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+            h = run_stage(self, stage, h)
+        return self.conv_out(F.silu(self.norm_out(run_stage(self, self.mid, h))))
 
 
 class Decoder(nn.Module):
     """z (B, z, h, w) → (B, C, h·f, w·f): mid attention, then ResBlocks and nearest-neighbour upsampling."""
 
+    gradient_checkpointing = False  # recompute each stage in backward (ldm.gradient_checkpointing)
+
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch = c.channels * c.channel_mult[-1]
-        self.conv_in = nn.Conv2d(c.latent_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(c.latent_channels, ch, 3, padding=1)
         self.mid = _mid(ch, c.norm_groups, c.norm_eps, c.mid_attention)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -136,12 +143,12 @@ class Decoder(nn.Module):
                 layers.append(Upsample(ch))
             self.up.append(nn.Sequential(*layers))
         self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = run_stage(self, self.mid, self.conv_in(z))
         for stage in self.up:
-            h = stage(h)
+            h = run_stage(self, stage, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -157,10 +164,13 @@ class AutoencoderKL(nn.Module):
         self.config = c = config
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
-        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
+        self.quant_conv = Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
+        self.post_quant_conv = Conv2d(c.latent_channels, c.latent_channels, 1)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def encode(self, x: torch.Tensor, tile: int | None = None) -> DiagonalGaussian:
+        """Images (B, C, H, W) → the posterior q(z | x) over latents (B, z, H/f, W/f). With ``tile`` (in latent
+        pixels, as for ``decode``: image windows of tile·f pixels), larger images are encoded in overlapping
+        windows whose posterior parameters are blended (``_tiled``), so memory stays that of one window."""
         c = self.config
         if x.dim() != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"VAE expects images of shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
@@ -168,45 +178,65 @@ class AutoencoderKL(nn.Module):
         f = c.downsample_factor
         if H % f or W % f:
             raise ValueError(f"image size {H}×{W} is not a multiple of the VAE's downsampling factor {f}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        # the mean and log-variance are blended, not samples: a sample drawn afterwards has no seams in its noise
+        return DiagonalGaussian(_tiled(lambda window: self.quant_conv(self.encoder(window)), x, tile, f, 1))
 
     def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        """Latents (B, z, h, w) → images (B, C, h·f, w·f). With ``tile``, latents larger than tile×tile are
-        decoded in overlapping tiles, so memory stays that of one tile (for large images)."""
+        """Latents (B, z, h, w) → images (B, C, h·f, w·f). With ``tile`` (latent pixels), latents larger than
+        tile×tile are decoded in overlapping tiles (``_tiled``), so memory stays that of one tile (large images)."""
         if z.dim() != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"VAE decodes latents of shape (B, {self.config.latent_channels}, h, w), got {tuple(z.shape)}")
-        if tile is None or max(z.shape[-2:]) <= tile:
-            return self.decoder(self.post_quant_conv(z))
-        return self._decode_tiled(z, tile)
-
-    def _decode_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
-        """Decode tile×tile windows that overlap by a quarter tile and cross-fade them with linear ramps.
-
-        Each window sees only its own latents (the mid attention becomes local), so seams are hidden by
-        blending rather than avoided; the result is close to, not equal to, a whole decode.
-        """
-        if tile < 4:
-            raise ValueError(f"tile must be at least 4 latent pixels, got {tile}")
-        f, overlap = self.config.downsample_factor, tile // 4
-        H, W = z.shape[-2:]
-        out = weight = None
-        for y in _tile_starts(H, tile, tile - overlap):
-            for x in _tile_starts(W, tile, tile - overlap):
-                piece = self.decoder(self.post_quant_conv(z[..., y : y + tile, x : x + tile]))
-                ramp_y = _ramp(piece.shape[-2], overlap * f, y > 0, y + tile < H).to(piece)
-                ramp_x = _ramp(piece.shape[-1], overlap * f, x > 0, x + tile < W).to(piece)
-                w = ramp_y[:, None] * ramp_x[None, :]
-                if out is None:
-                    out = piece.new_zeros(*piece.shape[:2], H * f, W * f)
-                    weight = piece.new_zeros(H * f, W * f)
-                out[..., y * f : y * f + piece.shape[-2], x * f : x * f + piece.shape[-1]] += piece * w
-                weight[y * f : y * f + piece.shape[-2], x * f : x * f + piece.shape[-1]] += w
-        return out / weight
+        f = self.config.downsample_factor
+        return _tiled(lambda window: self.decoder(self.post_quant_conv(window)), z, tile, 1, f)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Reconstruct x through a sampled latent; returns (x̂, posterior)."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
+
+
+MIN_TILE = 4  # latent pixels: tiles overlap by a quarter tile, so at least one pixel
+
+
+def check_tile(tile: int | None) -> None:
+    """A VAE tile is None (no tiling) or at least ``MIN_TILE`` latent pixels."""
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < MIN_TILE):
+        raise ValueError(f"VAE tile must be an integer of at least {MIN_TILE} latent pixels "
+                         f"(tiles overlap by a quarter tile), or None for no tiling; got {tile!r}")
+
+
+def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int | None, f_in: int,
+           f_out: int) -> torch.Tensor:
+    """``fn(x)``, computed over tile×tile windows (latent pixels) that overlap by a quarter tile and are
+    cross-faded with linear ramps; encode and decode both run through here.
+
+    ``x`` has ``f_in`` pixels per latent pixel and ``fn``'s output ``f_out`` (decode: 1 and f, encode: f and 1),
+    so a window of tile·f_in input pixels gives tile·f_out output pixels. Each window sees only itself: its
+    GroupNorm statistics, its mid attention and the convolutions' zero padding at its edges are local. Seams
+    are therefore hidden by blending rather than avoided, and the result is close to, not equal to, ``fn(x)``;
+    the ramps give a window's own edge (where padding makes it least like the whole) the least weight.
+    Inputs that fit in one tile (or ``tile=None``) go through ``fn`` whole.
+    """
+    check_tile(tile)
+    h, w = x.shape[-2] // f_in, x.shape[-1] // f_in
+    if tile is None or max(h, w) <= tile:
+        return fn(x)
+    overlap = tile // 4
+    out = weight = None
+    for top in _tile_starts(h, tile, tile - overlap):
+        for left in _tile_starts(w, tile, tile - overlap):
+            piece = fn(x[..., top * f_in : (top + tile) * f_in, left * f_in : (left + tile) * f_in])
+            ramp_y = _ramp(piece.shape[-2], overlap * f_out, top > 0, top + tile < h)
+            ramp_x = _ramp(piece.shape[-1], overlap * f_out, left > 0, left + tile < w)
+            blend = (ramp_y[:, None] * ramp_x[None, :]).to(piece.device)
+            if out is None:  # float32 sums: bf16 would round the weights and the weighted pieces differently
+                out = piece.new_zeros(*piece.shape[:2], h * f_out, w * f_out, dtype=torch.float32)
+                weight = piece.new_zeros(h * f_out, w * f_out, dtype=torch.float32)
+            rows = slice(top * f_out, top * f_out + piece.shape[-2])
+            cols = slice(left * f_out, left * f_out + piece.shape[-1])
+            out[..., rows, cols] += piece.float() * blend
+            weight[rows, cols] += blend
+    return (out / weight).to(piece.dtype)
 
 
 def _tile_starts(n: int, tile: int, stride: int) -> list[int]:

@@ -238,14 +238,32 @@ def test_spacing_absent_from_the_config_means_each_samplers_default(reference):
     assert pipe.sampler_options("dpm++2m")["spacing"] == pipe.sampler_options("euler_a")["spacing"] == "linspace"
 
 
-def test_attention_slicing_and_vae_tiles_keep_the_image(reference):
+def test_attention_slicing_and_vae_tiles_keep_the_image(reference, monkeypatch):
     _, folder = reference
     pipe = load_pipeline(folder)
     records = list(pipe.loop("a lighthouse", num_inference_steps=2, width=SIZE, height=SIZE, sampler="ddim"))
     pipe.enable_attention_slicing(5)
     sliced = list(pipe.loop("a lighthouse", num_inference_steps=2, width=SIZE, height=SIZE, sampler="ddim"))
     assert torch.allclose(sliced[-1].x_prev, records[-1].x_prev, atol=1e-5)
-    assert pipe.decode(records[-1].x_prev, tile=8).shape == (1, 3, SIZE, SIZE)
+    latents = records[-1].x_prev
+    assert pipe.decode(latents, tile=8).shape == (1, 3, SIZE, SIZE)
+
+    # enable_vae_tiling: decode and the img2img/inpainting encode tile by default; an explicit tile= still wins
+    whole = pipe.decode(latents)
+    pipe.enable_vae_tiling(8)
+    assert torch.equal(pipe.decode(latents), pipe.decode(latents, tile=8))
+    assert not torch.equal(pipe.decode(latents), whole)
+    assert torch.equal(pipe.decode(latents, tile=16), whole)  # 16×16 latents fit in one 16-tile
+    tiles = []  # the tile each VAE encode gets (pipe.encode is what img2img and inpainting call)
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x, tile=None: tiles.append(tile) or encode(x, tile=tile))
+    pipe.encode(whole, torch.Generator().manual_seed(0))
+    pipe.enable_vae_tiling(None)
+    assert torch.equal(pipe.decode(latents), whole)
+    pipe.encode(whole)
+    assert tiles == [8, None]
+    with pytest.raises(ValueError, match="VAE tile must be an integer of at least 4 latent pixels"):
+        pipe.enable_vae_tiling(2)
 
 
 def test_inspect_single_file_names_ema_and_unknown_keys(reference, tmp_path):
@@ -305,7 +323,8 @@ def test_cli_img2img_with_trajectory_and_inspect_output(reference, tmp_path, cap
 
     Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(tmp_path / "in.png")
     main(["img2img", "--checkpoint", str(folder), "--image", str(tmp_path / "in.png"), "--prompt", "a cat",
-          "--strength", "0.5", "--steps", "4", "--sampler", "euler_a", "--trajectory", "--out", str(tmp_path / "out.png")])
+          "--strength", "0.5", "--steps", "4", "--sampler", "euler_a", "--trajectory", "--vae-tile", "8",
+          "--out", str(tmp_path / "out.png")])
     assert Image.open(tmp_path / "out.png").size == (SIZE, SIZE)
     assert (tmp_path / "out_trajectory.png").is_file()
     main(["inspect", str(folder)])

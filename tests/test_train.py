@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ldm.checkpoint import CheckpointError, safe_load
+from ldm.cli import override_config
 from ldm.losses import diffusion_loss
 from ldm.loop import TrainingDiverged, epoch_indices
 from ldm.train import Trainer
@@ -115,9 +116,24 @@ def test_budget_required(tiny_config, mnist_small, tmp_path):
         Trainer(tiny_config.with_(steps=None), tmp_path, dataset=mnist_small, progress=False).train()
 
 
+def test_gradient_checkpointing_is_a_loop_switch_that_trains_the_same(tiny_config, mnist_small, tmp_path):
+    # a loop switch (`ldm train … --gradient-checkpointing true`): less memory, the same steps (dropout included)
+    on = override_config(tiny_config.with_(steps=2), ["--gradient-checkpointing", "true"])
+    runs = [Trainer(config, tmp_path / str(i), dataset=mnist_small, progress=False)
+            for i, config in enumerate([tiny_config.with_(steps=2), on])]
+    for run in runs:
+        run.train()
+    assert [run.model.gradient_checkpointing for run in runs] == [False, True]
+    # the losses, not the weights: Adam divides by √v, so a gradient that is ~0 (a zero-initialised conv's
+    # first steps) turns rounding noise into a full-size step; the gradients themselves agree to 1e-6
+    # (tests/test_gradient_checkpointing.py)
+    assert runs[1].losses == pytest.approx(runs[0].losses, rel=1e-6)
+
+
 def test_bf16_autocast_trains_on_cpu(tiny_config, mnist_small, tmp_path):
     trainer = Trainer(tiny_config.with_(steps=3, mixed_precision="bf16", channels_last=True), tmp_path,
                       dataset=mnist_small, progress=False)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(trainer.losses)))
     assert trainer.model.conv_in.weight.dtype == torch.float32  # autocast keeps master weights in fp32
+

@@ -1,0 +1,117 @@
+"""Winograd F(2×2, 3×3) convolution against float64 direct convolution, and when ``Conv2d`` uses it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.conv import Conv2d, set_winograd, winograd_conv3x3, winograd_filters
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2, 2), (2, 8, 6, 10), (3, 40, 16, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_equals_direct_convolution(shape, bias):
+    torch.manual_seed(0)
+    B, C, H, W = shape
+    x, w = torch.randn(shape), torch.randn(5, C, 3, 3)
+    b = torch.randn(5) if bias else None
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    out = winograd_conv3x3(x, winograd_filters(w), b)
+    assert out.shape == (B, 5, H, W)
+    assert rel(out, ref) < 2e-6  # as accurate as the direct fp32 kernel, not just close
+    assert rel(F.conv2d(x, w, b, padding=1), ref) < 2e-6
+
+
+def test_winograd_bfloat16_stays_within_bfloat16_rounding():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 64, 8, 8), torch.randn(32, 64, 3, 3) / 24, torch.randn(32)
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    out = winograd_conv3x3(x.bfloat16(), winograd_filters(w.bfloat16()), b.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert rel(out, ref) < 2e-2  # bf16 has 8 significant bits (4e-3 per rounding); a transform bug gives O(1)
+
+
+def test_filter_transform_is_G_g_Gt():
+    g = torch.arange(9.0).reshape(1, 1, 3, 3)
+    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    assert torch.allclose(winograd_filters(g).reshape(4, 4), G @ g[0, 0] @ G.T)
+
+
+def make_conv(cin=32, cout=16):
+    torch.manual_seed(0)
+    return Conv2d(cin, cout, 3, padding=1)
+
+
+def test_conv2d_takes_fast_paths_only_where_they_apply():
+    conv, x = make_conv(), torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        assert conv.fast_path(x) == "winograd"
+        assert conv.fast_path(torch.randn(2, 32, 7, 8)) is None  # odd size: no 2×2 tiling
+        assert conv.fast_path(x.half()) is None
+        bf16 = make_conv().bfloat16()
+        assert bf16.fast_path(torch.randn(1, 32, 16, 16).bfloat16()) == "winograd"
+        assert bf16.fast_path(torch.randn(1, 32, 32, 16).bfloat16()) is None  # more pixels: keep bf16 precision
+        assert make_conv(cin=8).fast_path(torch.randn(2, 8, 8, 8)) is None  # thin: direct is faster
+        assert Conv2d(32, 16, 3, padding=1, stride=2).fast_path(x) is None
+        assert Conv2d(32, 16, 1).fast_path(torch.randn(2, 32, 7, 5)) == "pointwise"
+    assert conv.fast_path(x) is None  # gradients wanted: the direct kernel and its fused backward
+
+
+def test_pointwise_path_equals_1x1_convolution_and_returns_channels_last():
+    torch.manual_seed(0)
+    conv, x = Conv2d(32, 24, 1), torch.randn(2, 32, 7, 5)
+    with torch.no_grad():
+        out = conv(x)
+        assert rel(out, F.conv2d(x.double(), conv.weight.double(), conv.bias.double())) < 2e-6
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv2d_matches_nn_conv2d_both_paths_and_keeps_state_dict_keys():
+    conv, x = make_conv(), torch.randn(2, 32, 8, 6)
+    plain = torch.nn.Conv2d(32, 16, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    assert set(conv.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        ref = plain(x)
+        assert rel(conv(x), ref) < 2e-6
+        odd = torch.randn(2, 32, 7, 5)  # the fallback
+        assert rel(conv(odd), plain(odd)) < 1e-6
+    y = conv(x.requires_grad_())
+    y.sum().backward()
+    assert conv.weight.grad is not None and rel(y.detach(), ref) < 2e-6
+
+
+def test_cached_filters_follow_weight_updates():
+    conv, x = make_conv(), torch.randn(1, 32, 4, 4)
+    with torch.no_grad():
+        before = conv(x)
+        conv.weight.mul_(2)  # in place, as an optimizer or load_state_dict does
+        after = conv(x)
+        expected = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert rel(after, expected) < 2e-6 and rel(after, before) > 0.1
+    conv = conv.to(torch.bfloat16)
+    with torch.no_grad():
+        assert conv(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_set_winograd_off_drops_cache_and_falls_back():
+    conv, x = make_conv(), torch.randn(1, 32, 4, 4)
+    model = torch.nn.Sequential(conv)
+    with torch.no_grad():
+        conv(x)
+        assert "winograd" in conv._derived
+        set_winograd(model, False)
+        assert not getattr(conv, "_derived", None) and conv.fast_path(x) is None
+
+
+def test_inference_mode_weights_use_winograd_and_load_state_dict_refreshes_them():
+    with torch.inference_mode():
+        conv, x = make_conv(), torch.randn(1, 32, 4, 4)
+        assert conv.weight.is_inference() and conv.fast_path(x) == "winograd"
+        conv(x)
+        new = {k: v * 3 for k, v in conv.state_dict().items()}
+        conv.load_state_dict(new)
+        assert rel(conv(x), F.conv2d(x, new["weight"], new["bias"], padding=1)) < 2e-6
