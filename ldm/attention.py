@@ -36,19 +36,18 @@ def multihead_attention(
 def stacked_projection(owner: nn.Module, name: str, layers: tuple[nn.Linear, ...], x: torch.Tensor):
     """(W₁x + b₁, W₂x + b₂, …) for linear layers that read the same x, computed as one product
     [W₁; W₂; …] x + [b₁; b₂; …] and split: one GEMM three times as wide as Q, K and V's runs 1.3–2.5× faster
-    on the CPU than three (small, thin products spend much of their time packing and threading). The
-    layers keep their own weights (checkpoints see no change); the stacked copy is ``ldm.derived``-cached
-    on ``owner`` under ``name``. While autograd records, the layers run one by one.
+    on the CPU than three (small, thin products spend much of their time packing and threading), and so do
+    its two backward GEMMs. The layers keep their own weights (checkpoints see no change). At inference the
+    stacked copy is ``ldm.derived``-cached on ``owner`` under ``name``; while autograd records it is stacked
+    afresh each call, so gradients flow back to each layer's weights.
     """
-    if derived.wants_grad(x, owner):
-        return tuple(layer(x) for layer in layers)
     sources = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
 
     def stack(*tensors):
         n = len(layers)
         return torch.cat(tensors[:n]), (torch.cat(tensors[n:]) if len(tensors) > n else None)
 
-    weight, bias = derived.derived(owner, name, sources, stack)
+    weight, bias = stack(*sources) if derived.wants_grad(x, owner) else derived.derived(owner, name, sources, stack)
     return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 

@@ -74,11 +74,17 @@ class Conv2d(derived.CachesDerived, nn.Conv2d):
     (no gradients wanted); everything else goes to ``nn.Conv2d``.
 
     * 3×3, stride 1, padding 1: ``winograd_conv3x3``, in float32 or bfloat16, on even-sized inputs with
-      at least ``MIN_CHANNELS`` input channels. The transformed filters (16/9 the size of the weight) are
-      cached (``ldm.derived``); ``set_winograd(model, False)`` turns this path off to save that memory. In bfloat16 the transformed tiles and filters are rounded to 8 bits too and the
-      output sums cancel, so one Winograd convolution has ~3× the rounding error of the direct kernel
-      (5e-3 against 1.7e-3 relative). bfloat16 therefore uses it only up to ``BF16_MAX_PIXELS`` pixels, where
-      the direct kernel is slowest (SD's 16×16 and 8×8 levels, 1.6–2.3× faster there): a whole SD 1.5 UNet
+      at least ``MIN_CHANNELS`` input channels and at most ``MAX_PIXELS`` pixels in the batch (B·H·W). The
+      transforms are memory-bound passes over 4× the input and output, so the 2.25× fewer multiplies only
+      pay where there are few pixels for many channels — exactly where oneDNN's direct kernel is slow.
+      Measured on a 2-core AVX-512 CPU, fp32, against the direct kernel: 2.7× at 8×8 (B = 2, 1280
+      channels), 2.1× at 16×16, 1.6× at 32×32, 1.3× at 64×64 (B = 1, 512 channels); but 0.97× at 64×64
+      with B = 2 and 320 channels and 0.5× at 512×512 with 128, with a peak of several GiB for the tiles.
+      The transformed filters (16/9 the size of the weight) are cached (``ldm.derived``);
+      ``set_winograd(model, False)`` turns this path off to save that memory. In bfloat16 the transformed
+      tiles and filters are rounded to 8 bits too and the output sums cancel, so one Winograd convolution
+      has ~3× the rounding error of the direct kernel (5e-3 against 1.7e-3 relative). bfloat16 therefore
+      uses it only on images of at most ``BF16_MAX_PIXELS`` (H·W; 1.4–2.3× faster there): a whole SD 1.5 UNet
       step then stays within 2 % of the bfloat16 error diffusers shows against float32 (every level: +50 %).
     * 1×1, stride 1: one matrix product over the pixels in channels-last order, (B·H·W, C_in) · Wᵀ. oneDNN's
       pointwise kernel runs at about half the GEMM's speed here, and the channels-last output is the
@@ -86,6 +92,7 @@ class Conv2d(derived.CachesDerived, nn.Conv2d):
     """
 
     MIN_CHANNELS = 32  # below this the GEMMs are too thin and the transforms dominate
+    MAX_PIXELS = 4096
     BF16_MAX_PIXELS = 16 * 16
 
     def __init__(self, *args, **kwargs):
@@ -102,7 +109,7 @@ class Conv2d(derived.CachesDerived, nn.Conv2d):
             return "pointwise"
         if (self.winograd and self.kernel_size == (3, 3) and self.padding == (1, 1)
                 and self.in_channels >= self.MIN_CHANNELS and x.dtype in (torch.float32, torch.bfloat16)
-                and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
+                and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.shape[0] * x.shape[-2] * x.shape[-1] <= self.MAX_PIXELS
                 and (x.dtype == torch.float32 or x.shape[-2] * x.shape[-1] <= self.BF16_MAX_PIXELS)):
             return "winograd"
         return None

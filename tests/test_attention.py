@@ -27,9 +27,15 @@ def test_stacked_projection_with_biases_and_under_autograd():
     with torch.no_grad():
         a, b = stacked_projection(owner, "ab", layers, x)
     torch.testing.assert_close(b, layers[1](x).detach())
-    a, b = stacked_projection(owner, "ab", layers, x)  # gradients wanted: the layers' own graph
-    (a.sum() + b.sum()).backward()
-    assert layers[0].weight.grad is not None and layers[1].bias.grad is not None
+    a, b = stacked_projection(owner, "ab", layers, x)  # gradients wanted: stacked afresh, through autograd
+    (a.square().sum() + b.sum()).backward()
+    stacked_grads = [p.grad.clone() for p in owner.parameters()]
+    owner.zero_grad()
+    (layers[0](x).square().sum() + layers[1](x).sum()).backward()
+    for got, want in zip(stacked_grads, (p.grad for p in owner.parameters())):
+        torch.testing.assert_close(got, want)
+    cached_weight, _ = owner._derived["ab"][1]
+    assert not cached_weight.requires_grad  # the inference cache holds no autograd graph
 
 
 def test_attention_modules_give_the_same_output_with_and_without_gradients():

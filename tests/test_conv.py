@@ -50,6 +50,7 @@ def test_conv2d_takes_fast_paths_only_where_they_apply():
     with torch.no_grad():
         assert conv.fast_path(x) == "winograd"
         assert conv.fast_path(torch.randn(2, 32, 7, 8)) is None  # odd size: no 2×2 tiling
+        assert conv.fast_path(torch.randn(2, 32, 64, 64)) is None  # many pixels: the transforms cost more
         assert conv.fast_path(x.half()) is None
         bf16 = make_conv().bfloat16()
         assert bf16.fast_path(torch.randn(1, 32, 16, 16).bfloat16()) == "winograd"
