@@ -4,24 +4,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.conv import Conv2d, set_winograd, winograd_conv3x3, winograd_filters
+from ldm.conv import WINOGRAD, Conv2d, set_winograd, winograd_conv3x3, winograd_filters
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 2, 2), (2, 8, 6, 10), (3, 40, 16, 8)])
+@pytest.mark.parametrize("m, shape, tolerance", [
+    (2, (1, 3, 2, 2), 2e-6), (2, (2, 8, 6, 10), 2e-6), (2, (3, 40, 16, 8), 2e-6),  # as exact as the direct kernel
+    (4, (1, 3, 4, 4), 2e-5), (4, (2, 40, 8, 12), 2e-5)])  # larger transform entries: ~10× the rounding
 @pytest.mark.parametrize("bias", [True, False])
-def test_winograd_equals_direct_convolution(shape, bias):
+def test_winograd_equals_direct_convolution(m, shape, tolerance, bias):
     torch.manual_seed(0)
     B, C, H, W = shape
     x, w = torch.randn(shape), torch.randn(5, C, 3, 3)
     b = torch.randn(5) if bias else None
     ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
-    out = winograd_conv3x3(x, winograd_filters(w), b)
+    out = winograd_conv3x3(x, winograd_filters(w, m), b)
     assert out.shape == (B, 5, H, W)
-    assert rel(out, ref) < 2e-6  # as accurate as the direct fp32 kernel, not just close
+    assert rel(out, ref) < tolerance
     assert rel(F.conv2d(x, w, b, padding=1), ref) < 2e-6
 
 
@@ -40,6 +42,15 @@ def test_filter_transform_is_G_g_Gt():
     assert torch.allclose(winograd_filters(g).reshape(4, 4), G @ g[0, 0] @ G.T)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_matrices_give_the_1d_correlation(m):
+    """F(m, 3) in one dimension: Aᵀ[(G g) ⊙ (Bᵀ d)] = the m outputs of correlating d (length m + 2) with g."""
+    BT, G, AT = WINOGRAD[m]
+    d, g = torch.randn(m + 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    expected = torch.stack([d[i : i + 3] @ g for i in range(m)])
+    torch.testing.assert_close(AT @ ((G @ g) * (BT @ d)), expected)
+
+
 def make_conv(cin=32, cout=16):
     torch.manual_seed(0)
     return Conv2d(cin, cout, 3, padding=1)
@@ -48,13 +59,17 @@ def make_conv(cin=32, cout=16):
 def test_conv2d_takes_fast_paths_only_where_they_apply():
     conv, x = make_conv(), torch.randn(2, 32, 8, 8)
     with torch.no_grad():
-        assert conv.fast_path(x) == "winograd"
+        assert conv.fast_path(x) == "winograd2"
         assert conv.fast_path(torch.randn(2, 32, 7, 8)) is None  # odd size: no 2×2 tiling
-        assert conv.fast_path(torch.randn(2, 32, 64, 64)) is None  # many pixels: the transforms cost more
+        assert conv.fast_path(torch.randn(2, 32, 64, 64)) is None  # many pixels, few channels: direct is faster
+        wide = make_conv(cin=256)
+        assert wide.fast_path(torch.randn(2, 256, 32, 32)) == "winograd4"
+        assert wide.fast_path(torch.randn(2, 256, 30, 30)) is None  # not a multiple of 4, too many pixels for 2×2
+        assert wide.fast_path(torch.randn(4, 256, 128, 128)) is None
         assert conv.fast_path(x.half()) is None
-        bf16 = make_conv().bfloat16()
-        assert bf16.fast_path(torch.randn(1, 32, 16, 16).bfloat16()) == "winograd"
-        assert bf16.fast_path(torch.randn(1, 32, 32, 16).bfloat16()) is None  # more pixels: keep bf16 precision
+        bf16 = make_conv(cin=256).bfloat16()
+        assert bf16.fast_path(torch.randn(1, 256, 16, 16).bfloat16()) == "winograd2"
+        assert bf16.fast_path(torch.randn(1, 256, 32, 16).bfloat16()) is None  # more pixels: keep bf16 precision
         assert make_conv(cin=8).fast_path(torch.randn(2, 8, 8, 8)) is None  # thin: direct is faster
         assert Conv2d(32, 16, 3, padding=1, stride=2).fast_path(x) is None
         assert Conv2d(32, 16, 1).fast_path(torch.randn(2, 32, 7, 5)) == "pointwise"
@@ -70,19 +85,21 @@ def test_pointwise_path_equals_1x1_convolution_and_returns_channels_last():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_conv2d_matches_nn_conv2d_both_paths_and_keeps_state_dict_keys():
-    conv, x = make_conv(), torch.randn(2, 32, 8, 6)
-    plain = torch.nn.Conv2d(32, 16, 3, padding=1)
+@pytest.mark.parametrize("cin, size", [(32, (8, 6)), (256, (32, 24))])
+def test_conv2d_matches_nn_conv2d_both_paths_and_keeps_state_dict_keys(cin, size):
+    conv, x = make_conv(cin), torch.randn(2, cin, *size)
+    plain = torch.nn.Conv2d(cin, 16, 3, padding=1)
     plain.load_state_dict(conv.state_dict())
     assert set(conv.state_dict()) == {"weight", "bias"}
     with torch.no_grad():
+        assert conv.fast_path(x) is not None
         ref = plain(x)
-        assert rel(conv(x), ref) < 2e-6
-        odd = torch.randn(2, 32, 7, 5)  # the fallback
+        assert rel(conv(x), ref) < 2e-5
+        odd = torch.randn(2, cin, 7, 5)  # the fallback
         assert rel(conv(odd), plain(odd)) < 1e-6
     y = conv(x.requires_grad_())
     y.sum().backward()
-    assert conv.weight.grad is not None and rel(y.detach(), ref) < 2e-6
+    assert conv.weight.grad is not None and rel(y.detach(), ref) < 2e-5
 
 
 def test_cached_filters_follow_weight_updates():
@@ -103,7 +120,7 @@ def test_set_winograd_off_drops_cache_and_falls_back():
     model = torch.nn.Sequential(conv)
     with torch.no_grad():
         conv(x)
-        assert "winograd" in conv._derived
+        assert "winograd2" in conv._derived
         set_winograd(model, False)
         assert not getattr(conv, "_derived", None) and conv.fast_path(x) is None
 
@@ -111,7 +128,7 @@ def test_set_winograd_off_drops_cache_and_falls_back():
 def test_inference_mode_weights_use_winograd_and_load_state_dict_refreshes_them():
     with torch.inference_mode():
         conv, x = make_conv(), torch.randn(1, 32, 4, 4)
-        assert conv.weight.is_inference() and conv.fast_path(x) == "winograd"
+        assert conv.weight.is_inference() and conv.fast_path(x) == "winograd2"
         conv(x)
         new = {k: v * 3 for k, v in conv.state_dict().items()}
         conv.load_state_dict(new)
