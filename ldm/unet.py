@@ -21,7 +21,7 @@ from torch import nn
 
 from .attention import SelfAttentionBlock, SpatialTransformer
 from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, timestep_embedding, zero_init
-from .conv import Conv2d
+from .conv import Conv2d, cpu_channels_last
 from .gradient_checkpointing import run_stage
 
 
@@ -298,7 +298,7 @@ class UNet(nn.Module):
                 size_ids: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
         emb, context = self.embed(t, cond, x.shape[0], x.device, pooled, size_ids)
-        h = self.conv_in(x)
+        h = self.conv_in(cpu_channels_last(x))
         skips = [h]
         for stage in self.down:
             h = run_stage(self, stage, h, emb, context, mask)
@@ -308,4 +308,4 @@ class UNet(nn.Module):
             # an odd size rounds up when halved; upsampling then goes back to the skip's exact size
             h = torch.cat([h, skips.pop()], dim=1)
             h = run_stage(self, stage, h, emb, context, mask, skips[-1].shape[-2:] if skips else None)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()

@@ -18,7 +18,7 @@ from torch import nn
 
 from .attention import SelfAttentionBlock
 from .blocks import Downsample, ResBlock, Upsample
-from .conv import Conv2d
+from .conv import Conv2d, cpu_channels_last
 from .gradient_checkpointing import run_stage
 
 
@@ -117,10 +117,10 @@ class Encoder(nn.Module):
         self.conv_out = Conv2d(ch, 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(cpu_channels_last(x))
         for stage in self.down:
             h = run_stage(self, stage, h)
-        return self.conv_out(F.silu(self.norm_out(run_stage(self, self.mid, h))))
+        return self.conv_out(F.silu(self.norm_out(run_stage(self, self.mid, h)))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -146,10 +146,10 @@ class Decoder(nn.Module):
         self.conv_out = Conv2d(ch, c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = run_stage(self, self.mid, self.conv_in(z))
+        h = run_stage(self, self.mid, self.conv_in(cpu_channels_last(z)))
         for stage in self.up:
             h = run_stage(self, stage, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 class AutoencoderKL(nn.Module):

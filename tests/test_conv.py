@@ -133,3 +133,17 @@ def test_inference_mode_weights_use_winograd_and_load_state_dict_refreshes_them(
         new = {k: v * 3 for k, v in conv.state_dict().items()}
         conv.load_state_dict(new)
         assert rel(conv(x), F.conv2d(x, new["weight"], new["bias"], padding=1)) < 2e-6
+
+
+def test_models_run_channels_last_inside_and_return_the_default_layout():
+    from ldm.unet import UNet, UNetConfig
+    from ldm.conv import cpu_channels_last
+
+    x = torch.randn(2, 3, 8, 8)
+    assert cpu_channels_last(x).is_contiguous(memory_format=torch.channels_last)
+    assert cpu_channels_last(torch.randn(2, 5, 3)).is_contiguous()  # not an image batch: untouched
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.mnist().with_(in_channels=3, out_channels=3, sample_size=8))
+    out = unet(x, torch.tensor([1, 2]))
+    assert out.is_contiguous()  # callers may .view() it
+    out.view(2, -1)
