@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import derived
 from .blocks import zero_init
 from .conv import Conv2d
 
@@ -33,24 +32,6 @@ def multihead_attention(
     return rearrange(out, "b h l d -> b l (h d)")
 
 
-def stacked_projection(owner: nn.Module, name: str, layers: tuple[nn.Linear, ...], x: torch.Tensor):
-    """(W₁x + b₁, W₂x + b₂, …) for linear layers that read the same x, computed as one product
-    [W₁; W₂; …] x + [b₁; b₂; …] and split: one GEMM three times as wide as Q, K and V's runs 1.3–2.5× faster
-    on the CPU than three (small, thin products spend much of their time packing and threading), and so do
-    its two backward GEMMs. The layers keep their own weights (checkpoints see no change). At inference the
-    stacked copy is ``ldm.derived``-cached on ``owner`` under ``name``; while autograd records it is stacked
-    afresh each call, so gradients flow back to each layer's weights.
-    """
-    sources = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
-
-    def stack(*tensors):
-        n = len(layers)
-        return torch.cat(tensors[:n]), (torch.cat(tensors[n:]) if len(tensors) > n else None)
-
-    weight, bias = stack(*sources) if derived.wants_grad(x, owner) else derived.derived(owner, name, sources, stack)
-    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
-
-
 def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
     """Make every attention layer in ``model`` attend ``chunk`` queries at a time (None: all at once)."""
     if chunk is not None and chunk < 1:
@@ -60,7 +41,7 @@ def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
             module.chunk = chunk
 
 
-class SelfAttentionBlock(derived.CachesDerived):
+class SelfAttentionBlock(nn.Module):
     """Residual self-attention over all H·W positions, as in the DDPM UNet  [Ho et al. 2020, App. B].
 
         out = x + W_o · Attention(W_q·GN(x), W_k·GN(x), W_v·GN(x))
@@ -82,12 +63,11 @@ class SelfAttentionBlock(derived.CachesDerived):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, H, W = x.shape
         h = rearrange(self.norm(x), "b c h w -> b (h w) c")
-        q, k, v = stacked_projection(self, "qkv", (self.to_q, self.to_k, self.to_v), h)
-        h = multihead_attention(q, k, v, self.heads, chunk=self.chunk)
+        h = multihead_attention(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, chunk=self.chunk)
         return x + rearrange(self.to_out(h), "b (h w) c -> b c h w", h=H, w=W)
 
 
-class CrossAttention(derived.CachesDerived):
+class CrossAttention(nn.Module):
     """Multi-head attention from image tokens x to a context sequence (itself when context is None).
 
         Attention(W_q x, W_k c, W_v c) → W_o          [Rombach et al. 2022, Eq. 3]
@@ -106,10 +86,8 @@ class CrossAttention(derived.CachesDerived):
         self.chunk: int | None = None  # see set_attention_chunk
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if context is None:
-            q, k, v = stacked_projection(self, "qkv", (self.to_q, self.to_k, self.to_v), x)
-        else:
-            q, (k, v) = self.to_q(x), stacked_projection(self, "kv", (self.to_k, self.to_v), context)
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         return self.to_out(multihead_attention(q, k, v, self.heads, mask, self.chunk))
 
 

@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import derived
-
 _F = torch.float64
 WINOGRAD = {  # m: (Bᵀ, G, Aᵀ)  [Lavin & Gray 2016, §4.1 and §4.2]
     2: (torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=_F),
@@ -77,7 +75,7 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     return out.permute(0, 3, 1, 2)
 
 
-class Conv2d(derived.CachesDerived, nn.Conv2d):
+class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same state-dict keys) with faster CPU paths at inference (no gradients
     wanted); everything else goes to ``nn.Conv2d``.
 
@@ -97,7 +95,8 @@ class Conv2d(derived.CachesDerived, nn.Conv2d):
       ~1.7× the direct kernel's rounding error (4.4e-3 against 2.6e-3 relative) and F(4×4) ~8×. bfloat16
       therefore uses only F(2×2) and only on images of at most ``BF16_MAX_PIXELS`` (H·W; 1.3–2.3× faster):
       a whole SD 1.5 UNet step then stays within the bfloat16 error diffusers shows against float32.
-      The cached filters can be dropped with ``set_winograd(model, False)``, which turns this path off.
+      The filters are transformed once and cached (``winograd_filters``); ``set_winograd(model, False)``
+      turns this path off and frees them.
     * 1×1, stride 1: one matrix product over the pixels in channels-last order, (B·H·W, C_in) · Wᵀ. oneDNN's
       pointwise kernel runs at about half the GEMM's speed here, and the channels-last output is the
       layout attention's tokens need, so ``b c h w → b (h w) c`` after it is a view, not a copy.
@@ -112,12 +111,13 @@ class Conv2d(derived.CachesDerived, nn.Conv2d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.winograd = True
+        self._filters: dict[int, tuple[tuple, torch.Tensor]] = {}  # m → (weight's identity, filters)
 
     def fast_path(self, x: torch.Tensor) -> str | None:
         """"winograd2" (F(2×2, 3×3)), "winograd4" (F(4×4, 3×3)), "pointwise", or None (``nn.Conv2d``)."""
         if (x.device.type != "cpu" or x.dim() != 4 or x.dtype != self.weight.dtype or self.groups != 1
                 or self.dilation != (1, 1) or self.stride != (1, 1) or self.padding_mode != "zeros"
-                or derived.wants_grad(x, self)):
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return None
         if self.kernel_size == (1, 1) and self.padding == (0, 0):
             return "pointwise"
@@ -135,15 +135,32 @@ class Conv2d(derived.CachesDerived, nn.Conv2d):
             return "winograd4"
         return None
 
+    def winograd_filters(self, m: int) -> torch.Tensor:
+        """``winograd_filters(self.weight, m)``, cached until the weight changes: a new tensor (``.to()``, an
+        ``assign`` load), or an in-place write (optimizer step, ``load_state_dict``, EMA), which PyTorch's version
+        counter records. Weights made under ``inference_mode`` have no version counter; for those only a new
+        tensor and ``load_state_dict`` are seen."""
+        w = self.weight
+        key = (w.data_ptr(), w.dtype, w.device, None if w.is_inference() else w._version)
+        if m not in self._filters or self._filters[m][0] != key:
+            self._filters[m] = (key, winograd_filters(w, m))
+        return self._filters[m][1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.fast_path(x)
         if path in ("winograd2", "winograd4"):
-            m = int(path[-1])
-            filters = derived.derived(self, path, [self.weight], lambda w: winograd_filters(w, m))
-            return winograd_conv3x3(x, filters, self.bias)
+            return winograd_conv3x3(x, self.winograd_filters(int(path[-1])), self.bias)
         if path == "pointwise":
             return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
         return super().forward(x)
+
+    def _apply(self, fn, recurse=True):
+        self._filters = {}  # .to(dtype/device) makes new weights: free the old filters now, not at next use
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._filters = {}
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -161,4 +178,4 @@ def set_winograd(model: nn.Module, enabled: bool) -> None:
         if isinstance(module, Conv2d):
             module.winograd = enabled
             if not enabled:
-                derived.clear(module)
+                module._filters = {}

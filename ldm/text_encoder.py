@@ -17,9 +17,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import derived
-from .attention import stacked_projection
-
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
@@ -90,7 +87,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-class CausalSelfAttention(derived.CachesDerived):
+class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position i sees positions j ≤ i  [Vaswani et al. 2017, Eq. 1]:
 
         Attention(Q, K, V) = softmax(Q Kᵀ / √d + M) V,   M_ij = −∞ for j > i, else 0
@@ -106,8 +103,7 @@ class CausalSelfAttention(derived.CachesDerived):
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads)
-                   for t in stacked_projection(self, "qkv", (self.q, self.k, self.v), x))
+        q, k, v = (rearrange(proj(x), "b l (h d) -> b h l d", h=self.heads) for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(rearrange(h, "b h l d -> b l (h d)"))
 
