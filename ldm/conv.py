@@ -85,7 +85,7 @@ class Conv2d(nn.Conv2d):
       against the direct kernel (B = 2 unless noted), in float32:
 
         - at most ``SMALL_PIXELS`` pixels in the batch (B·H·W): F(2×2): 2.6× at 8×8 with 1280 channels,
-          1.7–1.9× at 16×16. Its filters take 16/9 of the weight's memory.
+          1.65–1.9× at 16×16. Its filters take 16/9 of the weight's memory.
         - up to ``MAX_PIXELS`` with at least ``WIDE_CHANNELS`` channels: F(4×4): 2.0× at 32×32 with 640
           channels, 1.7× at 64×64 with 320, 2.1× at 64×64 with B = 1 and 512, 1.35× at 128×128 with 512. Its
           filters take 4× the weight's memory, so it is kept to the levels where weights are small.
@@ -93,7 +93,7 @@ class Conv2d(nn.Conv2d):
 
       In bfloat16 the transformed tiles are rounded to 8 bits too and the output sums cancel, so F(2×2) has
       ~1.7× the direct kernel's rounding error (4.4e-3 against 2.6e-3 relative) and F(4×4) ~8×. bfloat16
-      therefore uses only F(2×2) and only on images of at most ``BF16_MAX_PIXELS`` (H·W; 1.3–2.3× faster):
+      therefore uses only F(2×2) and only on images of at most ``BF16_MAX_PIXELS`` (H·W; 1.4–2.3× faster):
       a whole SD 1.5 UNet step then stays within the bfloat16 error diffusers shows against float32.
       The filters are transformed once and cached (``winograd_filters``); ``set_winograd(model, False)``
       turns this path off and frees them.
