@@ -12,7 +12,7 @@ from ldm.convert import (export_state_dict, foreign_names, from_openclip, import
                          unet_layout)
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.unet import UNet, UNetConfig
-from test_text_encoder import loud, rel
+from test_text_encoder import loud, prompts, rel  # prompts: SDXL's second tokenizer pads with 0, as SD2's
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -174,17 +174,6 @@ def tiny_clip(with_projection=False, **changes):
                   max_position_embeddings=77, projection_dim=32)
     cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
     return loud(cls(transformers.CLIPTextConfig(**(kwargs | changes))), std=0.1)
-
-
-def prompts(pad: int) -> torch.Tensor:
-    """Two rows shaped like tokenizer output: start token, words, end token at different places, then padding
-    (SDXL's first tokenizer pads with the end token, its second with 0, as SD2's)."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 49406, (2, 77), generator=g)
-    ids[:, 0] = 49406
-    for row, end in enumerate((9, 40)):
-        ids[row, end], ids[row, end + 1:] = EOS, pad
-    return ids
 
 
 def sdxl_reading(cfg: dict) -> TextEncoderConfig:
