@@ -277,7 +277,7 @@ ROWS = {row.name: row for row in (
     Row("unet-fp32", "SD 1.5 UNet, one guided step: batch 2 of 4×64×64 latents, 77×768 context, fp32", unet_step(torch.float32), 1, 3),
     Row("unet-bf16", "the same step with bf16 weights (.to(torch.bfloat16) on both sides)", unet_step(torch.bfloat16), 1, 3),
     Row("vae-decode", "SD VAE decode of one 4×64×64 latent to 512×512, fp32", vae_decode, 1, 3),
-    Row("text-encoder", "CLIP ViT-L/14 text encoder, batch 2 × 77 tokens, fp32", text_encoder, 2, 7),
+    Row("text-encoder", "CLIP ViT-L/14 text encoder, batch 2 × 77 tokens, fp32", text_encoder, 3, 25),  # 0.2 s: many repeats
     Row("txt2img-bf16", "20-step DPM-Solver++(2M) text-to-image at 512×512, guidance 7.5, bf16 weights", txt2img, 1, 1),
     Row("cifar-train-step", "DDPM CIFAR-10 UNet (35.7 M), one training step at batch 32, fp32", cifar_train_step, 2, 5),
     Row("mnist-train", "MNIST recipe training throughput (UNetConfig.mnist(), batch 64, bf16 autocast where native)",
