@@ -76,6 +76,23 @@ def test_conv2d_takes_fast_paths_only_where_they_apply():
     assert conv.fast_path(x) is None  # gradients wanted: the direct kernel and its fused backward
 
 
+@pytest.mark.parametrize("cin, size", [(32, (8, 6)), (256, (32, 24))])
+def test_conv2d_matches_nn_conv2d_both_paths_and_keeps_state_dict_keys(cin, size):
+    conv, x = make_conv(cin), torch.randn(2, cin, *size)
+    plain = torch.nn.Conv2d(cin, 16, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    assert set(conv.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        assert conv.fast_path(x) is not None
+        ref = plain(x)
+        assert rel(conv(x), ref) < 2e-5
+        odd = torch.randn(2, cin, 7, 5)  # the fallback
+        assert rel(conv(odd), plain(odd)) < 1e-6
+    y = conv(x.requires_grad_())
+    y.sum().backward()
+    assert conv.weight.grad is not None and rel(y.detach(), ref) < 2e-5
+
+
 def test_cached_filters_follow_weight_updates():
     conv, x = make_conv(), torch.randn(1, 32, 4, 4)
     with torch.no_grad():
