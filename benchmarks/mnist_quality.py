@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ldm.metrics import evaluate_digits, load_classifier
-from ldm.pipeline import DiffusionPipeline
-from ldm.train import TrainConfig, train
+from ldm import load_pipeline
+from ldm.train import TrainConfig, train_diffusion
 
 # Each is a change to the mnist preset (TrainConfig.mnist()); README "MNIST recipe" lists their scores.
 VARIANTS = {
@@ -31,12 +31,12 @@ VARIANTS = {
 
 
 def score(run: Path, n: int, steps: int, classifier, guidance: float = 1.0) -> dict:
-    model = DiffusionPipeline.from_run(run)
+    model = load_pipeline(run)
     t0 = time.perf_counter()
     labels = None
-    if model.config.unet.num_classes:
-        labels = torch.arange(n) % model.config.unet.num_classes
-    x = model(n, num_inference_steps=steps, class_label=labels, guidance=guidance, progress=False)
+    if model.unet.config.num_classes:
+        labels = torch.arange(n) % model.unet.config.num_classes
+    x = model(n, num_inference_steps=steps, class_label=labels, guidance_scale=guidance, progress=False, output="tensor")
     sample_s = time.perf_counter() - t0
     if x.shape[-2:] != (28, 28):  # latent recipe: 32×32 digits; the classifier reads 28×28
         x = torch.nn.functional.interpolate(x.float(), size=(28, 28), mode="bilinear", antialias=True)
@@ -76,7 +76,7 @@ def main() -> None:
             unet = base.unet.with_(**change.pop("unet", {}))
             config = base.with_(unet=unet, max_minutes=args.minutes, sample_every=0, **change)
             run = args.out / name.replace(" ", "-")
-            train(config, run, progress=False)
+            train_diffusion(config, run, progress=False)
             print_row(name, score(run, args.n, args.steps, classifier))
     else:
         print(header)

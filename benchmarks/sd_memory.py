@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from ldm.stable_diffusion import StableDiffusion, StableDiffusionConfig
+from ldm.sd_config import StableDiffusionConfig
+from ldm.stable_diffusion import StableDiffusion
 from ldm.text_encoder import TextEncoder
 from ldm.tokenizer import CLIPTokenizer
 from ldm.unet import UNet

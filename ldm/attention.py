@@ -8,7 +8,6 @@ from einops import rearrange
 from torch import nn
 
 from .blocks import zero_init
-from .conv import Conv2d
 
 
 def multihead_attention(
@@ -132,9 +131,9 @@ class SpatialTransformer(nn.Module):
         inner = heads * head_dim
         self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if linear_projection else Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
-        proj_out = nn.Linear(inner, channels) if linear_projection else Conv2d(inner, channels, 1)
+        proj_out = nn.Linear(inner, channels) if linear_projection else nn.Conv2d(inner, channels, 1)
         self.proj_out = zero_init(proj_out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import safetensors.torch
 import torch
@@ -22,24 +22,55 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt, or of another model."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write a file through ``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A rename within one filesystem is atomic, so a kill at any moment leaves either the
-    old checkpoint or the new one, never half of one.
+    A rename within one filesystem is atomic, so a kill at any moment (or a second process writing the same
+    file) leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through ``atomic_write``."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """A ``.safetensors`` file through ``atomic_write``."""
+    return atomic_write(path, lambda f: f.write(safetensors.torch.save(state, metadata={"format": "pt"})))
+
+
+# diffusers / transformers weight files: each component's file stem (.safetensors; the .bin name differs for "model")
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
+
+
+def weight_file(folder: Path, stem: str, variant: str | None = None, what: str = "model") -> Path:
+    """A diffusers component's weights in ``folder``: ``.safetensors`` before ``.bin`` (read through the weights-only
+    unpickler), the requested variant (e.g. "fp16") first, and a variant file when it is the only one there."""
+    bin_stem = "pytorch_model" if stem == "model" else stem
+    names = [f"{stem}.{variant}.safetensors", f"{bin_stem}.{variant}.bin"] if variant else []
+    names += [f"{stem}.safetensors", f"{bin_stem}.bin"]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    others = sorted(p.name for p in folder.glob(f"*{stem}*") if p.suffix in (".safetensors", ".bin")) if folder.is_dir() else []
+    if len(others) == 1:
+        return folder / others[0]
+    raise CheckpointError(f"no {what} weights in {folder} (looked for {', '.join(names)}; found {others or 'none'})")
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -1,22 +1,39 @@
-"""The ``ldm`` command line: train, sample, evaluate; Stable Diffusion commands come from ``sd_cli``."""
+"""The ``ldm`` command line: train, train-vae, sample, evaluate, txt2img, img2img, inpaint, inspect, convert.
+
+One grammar for all: the model is the positional MODEL (or ``--checkpoint MODEL``), ``--n`` is the number of
+images written, ``--guidance`` is the classifier-free guidance scale, ``--trajectory`` writes OUT_trajectory.png
+and .gif, and an unknown option is an error that names it (``train`` and ``train-vae`` take any config field
+as ``--field value``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from PIL import Image
+
 from .checkpoint import CheckpointError
 from .config import parse_value
 from .data import DATASETS, DatasetUnavailableError
+from .images import save_gif, save_grid, save_strip
+from .loading import load_pipeline
 from .loop import TrainingDiverged
-from .samplers import SAMPLERS
-from .sd_cli import add_commands
-from .train import PRESETS
+from .metrics import evaluate_digits, load_samples_npy
+from .pipeline import DiffusionPipeline
+from .samplers import SAMPLERS, run_to_end
+from .sampling import default_device
+from .sd_checkpoint import inspect_checkpoint, save_diffusers_folder, save_single_file
+from .stable_diffusion import StableDiffusion
+from .train import PRESETS, train_diffusion
+from .train_vae import VAE_PRESETS, train_vae
 
 
 def override_config(config, pairs: list[str]):
@@ -29,10 +46,10 @@ def override_config(config, pairs: list[str]):
     known = sorted(top) + [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
     changes: dict[str, dict] = {"": {}, **{name: {} for name in sections}}
     if len(pairs) % 2:
-        raise SystemExit(f"expected --field value pairs, got {' '.join(pairs)}")
+        raise ValueError(f"expected --field value pairs, got {' '.join(pairs)}")
     for flag, text in zip(pairs[::2], pairs[1::2]):
         if not flag.startswith("--"):
-            raise SystemExit(f"expected an option, got {flag!r}")
+            raise ValueError(f"expected an option, got {flag!r}")
         name = flag[2:].replace("-", "_")
         section, _, field = name.rpartition(".")
         if not section:
@@ -40,14 +57,14 @@ def override_config(config, pairs: list[str]):
             owners += [""] if field in top else []
             if len(owners) != 1:
                 problem = f"unknown option --{field}" if not owners else f"--{field} is ambiguous ({owners}); use a prefix"
-                raise SystemExit(f"{problem}\nknown fields: {', '.join(known)}")
+                raise ValueError(f"{problem}\nknown fields: {', '.join(known)}")
             section = owners[0]
         elif section not in sections:
-            raise SystemExit(f"unknown option --{name}\nknown fields: {', '.join(known)}")
+            raise ValueError(f"unknown option --{name}\nknown fields: {', '.join(known)}")
         try:
             changes[section][field] = parse_value(sections.get(section, type(config)), field, text)
         except ValueError as e:
-            raise SystemExit(f"--{name}: {e}") from None
+            raise ValueError(f"--{name}: {e}") from None
     nested = {name: dataclasses.replace(getattr(config, name), **changes[name]) for name in sections if changes[name]}
     return dataclasses.replace(config, **nested, **changes[""])
 
@@ -57,54 +74,80 @@ def run_config(preset, args: argparse.Namespace, extra: list[str], **direct):
     direct.update(steps=args.steps, max_minutes=args.max_minutes, dataset=args.dataset, data_dir=args.data_dir)
     config = override_config(preset().with_(**{k: v for k, v in direct.items() if v is not None}), extra)
     if config.loop.steps is None and config.loop.max_minutes is None:
-        raise SystemExit("give a budget: --steps N and/or --max-minutes M")
+        raise ValueError("give a budget: --steps N and/or --max-minutes M")
     if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
-        raise SystemExit(f"--resume: no checkpoint.pt in {args.out}")
+        raise ValueError(f"--resume: no checkpoint.pt in {args.out}")
     return config
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
-    from .train import train
-
     config = run_config(PRESETS[args.preset], args, extra, vae=args.vae, class_conditional=args.class_conditional or None)
-    trainer = train(config, args.out, resume=args.resume, device=args.device)
+    trainer = train_diffusion(config, args.out, resume=args.resume, device=args.device)
     if trainer.rank == 0:
         print(f"trained to step {trainer.step}; run directory {args.out} (samples.png, checkpoint.pt, config.json)")
 
 
-def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
-    from .images import save_gif, save_grid, save_strip
-    from .pipeline import DiffusionPipeline
+def model_path(args: argparse.Namespace) -> str:
+    """The model, given as the positional MODEL or as --checkpoint MODEL (one of them)."""
+    if (args.model is None) == (args.checkpoint is None):
+        raise ValueError(f"give the model once: `ldm {args.command} MODEL` or `ldm {args.command} --checkpoint MODEL`")
+    return args.model or args.checkpoint
 
-    if extra:
-        raise SystemExit(f"unknown options for sample: {' '.join(extra)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = DiffusionPipeline.from_run(args.run, ema=not args.raw_weights, device=device)
-    class_label, num_classes = args.class_label, model.config.unet.num_classes
+
+def load(args: argparse.Namespace, **options):
+    """The command's model through ``ldm.load_pipeline``, with its notes printed."""
+    options.setdefault("device", getattr(args, "device", None) or default_device())
+    pipe = load_pipeline(model_path(args), ema=not getattr(args, "raw_weights", False), **options)
+    for note in getattr(pipe, "notes", []):
+        print(f"{pipe.config.family}: {note}")
+    return pipe
+
+
+def denoise(pipe, records, total: int, trajectory: Path | None, keep: int = 10) -> torch.Tensor:
+    """Run ``loop``'s records to the end (progress bar) and decode the result, (B, C, H, W) in [−1, 1].
+
+    With ``trajectory`` (OUT_trajectory) also write how the samples emerge, at ≤ ``keep`` evenly spaced steps:
+    a PNG strip of the first sample (top x_t, bottom x̂_0) and a GIF of the first ≤ 8 samples (x_t | x̂_0)."""
+    kept = set(np.linspace(0, total - 1, min(keep, total)).round().astype(int).tolist())
+    frames = []
+
+    def collect(record) -> None:
+        if trajectory is not None and record.index in kept:
+            frames.append((record.t, pipe.decode(record.x_t[:8]).cpu(), pipe.decode(record.x0_pred[:8]).cpu()))
+
+    last = run_to_end(records, total, True, "denoise", collect)
+    if trajectory is not None:
+        scale = 3 if frames[0][1].shape[-1] <= 64 else 1  # enlarge small digits, not 512² images
+        strip = save_strip([torch.stack([x[0] for _, x, _ in frames]), torch.stack([x0[0] for _, _, x0 in frames])],
+                           trajectory.with_suffix(".png"), scale=scale)
+        gif = save_gif([torch.cat([x, x0], dim=-1) for _, x, x0 in frames], trajectory.with_suffix(".gif"), scale=scale)
+        print(f"trajectory: {strip} (top: x_t, bottom: predicted x0, at t = {[t for t, _, _ in frames]}), {gif}")
+    return pipe.decode(last.x_prev)
+
+
+def trajectory_path(args: argparse.Namespace) -> Path | None:
+    out = Path(args.out)
+    return out.with_name(out.stem + "_trajectory") if args.trajectory else None
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    pipe = load(args)
+    if not isinstance(pipe, DiffusionPipeline):
+        raise ValueError(f"{model_path(args)} is a Stable Diffusion checkpoint: use `ldm txt2img`")
+    class_label, num_classes = args.class_label, pipe.unet.config.num_classes
     if class_label is None and num_classes:  # a class-conditional model: one column per class
         class_label = torch.arange(args.n) % num_classes
         args.nrow = args.nrow or num_classes
     options = dict(sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=class_label,
-                   guidance=args.guidance)  # the rest (spacing, clipping, DDPM variance) comes from the model's config
+                   guidance_scale=args.guidance_scale)  # the rest (spacing, clipping, DDPM variance) comes from the model
     if args.sampler == "ddim":
         options["eta"] = args.eta
     out = Path(args.out)
     if args.trajectory:
-        records = []
         with torch.inference_mode():
-            from tqdm.auto import tqdm
-
-            for record in tqdm(model.loop(args.n, **options), total=args.steps, desc="sample"):
-                records.append((record.t, model.decode(record.x_t[:8]).cpu(), model.decode(record.x0_pred[:8]).cpu()))
-            samples = model.decode(record.x_prev)
-        keep = np.unique(np.linspace(0, len(records) - 1, min(10, len(records))).round().astype(int))
-        first = [torch.stack([records[i][1][0] for i in keep]), torch.stack([records[i][2][0] for i in keep])]
-        strip = save_strip(first, out.with_name(out.stem + "_trajectory.png"), scale=3)
-        frames = [torch.cat([x, x0], dim=-1) for _, x, x0 in records]  # x_t | x̂_0 side by side
-        gif = save_gif(frames, out.with_name(out.stem + "_trajectory.gif"), scale=3)
-        print(f"trajectory: {strip} (top: x_t, bottom: predicted x0, at t = {[records[i][0] for i in keep]}), {gif}")
+            samples = denoise(pipe, pipe.loop(args.n, **options), args.steps, trajectory_path(args))
     else:
-        samples = model(args.n, batch_size=args.batch_size, **options)
+        samples = pipe(args.n, batch_size=args.batch_size, output="tensor", **options)
     save_grid(samples, out, nrow=args.nrow, scale=args.scale)
     print(f"wrote {out}")
     if args.npy:
@@ -113,114 +156,231 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def cmd_train_vae(args: argparse.Namespace, extra: list[str]) -> None:
-    from .train_vae import VAE_PRESETS, train_vae
-
     trainer = train_vae(run_config(VAE_PRESETS[args.preset], args, extra), args.out, resume=args.resume, device=args.device)
     if trainer.rank == 0:
         metrics = (Path(args.out) / "metrics.json").read_text()
         print(f"trained VAE to step {trainer.step}; run directory {args.out}\n{metrics}")
 
 
-def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> None:
-    from .metrics import evaluate_digits, load_samples_npy
-    from .pipeline import DiffusionPipeline
-
-    if extra:
-        raise SystemExit(f"unknown options for evaluate: {' '.join(extra)}")
-    source = Path(args.source)
+def cmd_evaluate(args: argparse.Namespace) -> None:
     labels = None
-    if source.suffix == ".npy":
-        samples = load_samples_npy(source)
+    if Path(model_path(args)).suffix == ".npy":
+        samples = load_samples_npy(model_path(args))
     else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = DiffusionPipeline.from_run(source, device=device)
-        num_classes = model.config.unet.num_classes
+        pipe = load(args)
+        num_classes = pipe.unet.config.num_classes
         labels = torch.arange(args.n) % num_classes if num_classes else None  # every class equally often
-        samples = model(args.n, sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed,
-                        class_label=labels, guidance=args.guidance).cpu()
+        samples = pipe(args.n, sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=labels,
+                       guidance_scale=args.guidance_scale, output="tensor").cpu()
     if samples.shape[-2:] != (28, 28):  # e.g. the latent recipe's 32×32 digits: the classifier reads 28×28
         samples = torch.nn.functional.interpolate(samples.float(), size=(28, 28), mode="bilinear", antialias=True)
     print(evaluate_digits(samples, labels).summary())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ldm", description="Readable diffusion models: train, sample, evaluate; Stable Diffusion text-to-image.")
-    sub = parser.add_subparsers(dest="command", required=True)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    t = sub.add_parser("train", help="train a pixel-space diffusion model",
-                       epilog="Any config field can be set as --field value (e.g. --lr 5e-4, --unet.channels 64, "
-                              "--schedule.kind linear, --prediction v, --mixed-precision bf16).")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="mnist")
+
+def load_sd(args: argparse.Namespace) -> StableDiffusion:
+    device = args.device or default_device()
+    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    options = {k: v for k, v in dict(variant=args.variant, prediction=args.prediction).items() if v is not None}
+    pipe = load(args, dtype=dtype, **options)
+    if not isinstance(pipe, StableDiffusion):
+        raise ValueError(f"{model_path(args)} is not a Stable Diffusion checkpoint: use `ldm sample`")
+    if args.autocast:
+        pipe.autocast = torch.bfloat16
+    if args.attention_slice:
+        pipe.enable_attention_slicing(args.attention_slice)
+    if args.vae_tile is not None:
+        pipe.enable_vae_tiling(args.vae_tile)
+    return pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """txt2img, img2img and inpaint: the same pipeline call with an image, a strength or a mask."""
+    pipe = load_sd(args)
+    options = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                   sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n, guidance_rescale=args.guidance_rescale)
+    if args.command == "txt2img":
+        options |= dict(width=args.width, height=args.height)
+    else:
+        options["image"] = image = Image.open(args.image).convert("RGB")
+        if args.command == "img2img":
+            options["strength"] = args.strength
+        else:
+            options["mask"] = mask = Image.open(args.mask).convert("L")
+            if mask.size != image.size:
+                raise ValueError(f"mask is {mask.width}×{mask.height} but the image is {image.width}×{image.height}")
+    start = time.perf_counter()
+    total = pipe.steps_run(args.steps, options.get("strength", 1.0), options.get("image"))
+    with torch.inference_mode():
+        images = pipe.images(denoise(pipe, pipe.loop(args.prompt, **options), total, trajectory_path(args)), "pil")
+    out = Path(args.out)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, paths):
+        image.save(path)
+    print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    report = inspect_checkpoint(model_path(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{report['path']}: {report['format']}, family {report['family']}{', with EMA weights' if report['ema'] else ''}")
+    for name, count in report["parameters"].items():
+        print(f"  {name:13s} {count / 1e6:8.1f} M parameters  {', '.join(report['dtypes'][name])}")
+    for note in report["notes"]:
+        print(f"  {note}")
+    if report["unrecognised"]:
+        shown, more = report["unrecognised"][:20], len(report["unrecognised"]) > 20
+        print(f"  unrecognised ({len(report['unrecognised'])}): {', '.join(shown)}{' …' if more else ''}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    options = {} if args.prediction is None else dict(prediction=args.prediction)
+    pipe = load(args, device="cpu", dtype=DTYPES[args.dtype], **options)
+    out = Path(args.out)
+    written = save_single_file(pipe, out) if out.suffix == ".safetensors" else save_diffusers_folder(pipe, out)
+    print(f"wrote {written}")
+
+
+def add_model(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL", help=what)
+    p.add_argument("--checkpoint", help="the model, as an option instead of MODEL")
+
+
+def add_sampling(p: argparse.ArgumentParser, sampler: str, steps: int, guidance: float, n: int) -> None:
+    """The options every sampling command shares, with that command's defaults."""
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=sampler)
+    p.add_argument("--steps", type=int, default=steps, help="number of inference steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=float, default=guidance,
+                   help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--n", type=int, default=n, help="number of images")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def add_training(sub, name: str, presets, help_: str, epilog: str) -> argparse.ArgumentParser:
+    t = sub.add_parser(name, help=help_, epilog=epilog)
+    t.add_argument("--preset", choices=sorted(presets), default="mnist")
     t.add_argument("--out", required=True, help="run directory (checkpoint, config, sample grids)")
     t.add_argument("--steps", type=int, help="stop at this many optimizer steps (total, counting resumed ones)")
     t.add_argument("--max-minutes", type=float, help="stop after this many minutes of this invocation")
     t.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}, or a folder of images")
     t.add_argument("--data-dir", help="where datasets are cached / placed by hand")
-    t.add_argument("--class-conditional", action="store_true", help="condition on labels (with label dropout for CFG)")
     t.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    t.add_argument("--vae", help="a `ldm train-vae` run directory: train on its latents (latent diffusion)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    t.set_defaults(func=cmd_train)
+    return t
 
-    from .train_vae import VAE_PRESETS
 
-    v = sub.add_parser("train-vae", help="train the autoencoder for latent diffusion",
-                       epilog="Any config field can be set as --field value (e.g. --kl-weight 1e-5, --vae.channels 64, "
-                              "--disc-start 2000, --reconstruction l2).")
-    v.add_argument("--preset", choices=sorted(VAE_PRESETS), default="mnist")
-    v.add_argument("--out", required=True)
-    v.add_argument("--steps", type=int)
-    v.add_argument("--max-minutes", type=float)
-    v.add_argument("--dataset")
-    v.add_argument("--data-dir")
-    v.add_argument("--resume", action="store_true")
-    v.add_argument("--device")
-    v.set_defaults(func=cmd_train_vae)
-
+def add_sample_commands(sub) -> None:
     s = sub.add_parser("sample", help="sample from a trained run or a diffusers DDPM/DDIM folder",
                        epilog="A diffusers folder (e.g. google/ddpm-cifar10-32 or google/ddpm-church-256, downloaded) is "
                               "sampled with its scheduler's settings: x0 clipping, DDPM variance, timestep spacing.")
-    s.add_argument("run", help="run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
-    s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
-    s.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    add_model(s, "run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
+    add_sampling(s, "ddim", 50, 1.0, 64)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
-    s.add_argument("--n", type=int, default=64)
     s.add_argument("--batch-size", type=int, default=128,
                    help="samples per UNet batch (lower it to save memory: a 256×256 DDPM model needs about 0.3 GB per sample)")
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class", dest="class_label", type=int,
                    help="class label for a class-conditional model (default: every class in turn, a column each)")
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--npy", help="also save samples as an N×C×H×W float32 array in [0, 1]")
     s.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png and .gif (x_t | predicted x0)")
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--nrow", type=int)
     s.add_argument("--scale", type=int, default=2, help="enlarge the grid image by this factor")
-    s.add_argument("--device")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="score MNIST samples with a digit classifier trained on real MNIST",
                        epilog="Reports the share of confidently classified samples, the class spread, a Fréchet "
                               "distance on the classifier's features and, for class-conditional runs, label accuracy.")
-    e.add_argument("source", help="run directory / checkpoint (samples are drawn) or a samples .npy in [0, 1]")
-    e.add_argument("--n", type=int, default=1000)
-    e.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
-    e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--guidance", type=float, default=1.0)
-    e.add_argument("--device")
+    add_model(e, "run directory / checkpoint (samples are drawn) or a samples .npy in [0, 1]")
+    add_sampling(e, "ddim", 50, 1.0, 1000)
     e.set_defaults(func=cmd_evaluate)
-    add_commands(sub)
+
+
+def add_generate_commands(sub) -> None:
+    for name, help_ in (("txt2img", "generate images from a prompt with a Stable Diffusion checkpoint"),
+                        ("img2img", "redraw an image following a prompt"),
+                        ("inpaint", "repaint the white part of a mask (inpainting checkpoint)")):
+        p = sub.add_parser(name, help=help_)
+        add_model(p, "single file (.safetensors/.ckpt) or diffusers folder")
+        p.add_argument("--prompt", required=True)
+        p.add_argument("--negative-prompt", default=None)
+        if name == "txt2img":
+            p.add_argument("--width", type=int, help="default: the model's training size (512 SD 1, 768 SD 2-v, 1024 SDXL)")
+            p.add_argument("--height", type=int)
+        else:
+            p.add_argument("--image", required=True, help="input image (its size is the output size; multiples of 8)")
+        if name == "img2img":
+            p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 ignores it")
+        if name == "inpaint":
+            p.add_argument("--mask", required=True, help="grayscale mask, white = repaint, same size as the image")
+        add_sampling(p, "dpm++2m", 25, 7.5, 1)
+        p.add_argument("--guidance-rescale", type=float, default=0.0,
+                       help="φ in [0, 1]: temper strong guidance (0.7 suits zero-terminal-SNR v-models)")
+        p.add_argument("--out", default=f"{name}.png", help="the image (several: OUT_0.png, OUT_1.png …)")
+        p.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png and .gif (x_t | predicted x0)")
+        p.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default fp16 on CUDA, fp32 on CPU)")
+        p.add_argument("--autocast", action="store_true", help="run the UNet under bf16 autocast (fast on CPUs with bf16)")
+        p.add_argument("--attention-slice", type=int, help="attend this many positions at a time (less memory)")
+        p.add_argument("--vae-tile", type=int, help="encode and decode in tiles of this many latent pixels "
+                       "(8× as many image pixels; large images, less memory; 64 is a good start)")
+        p.add_argument("--variant", help="diffusers weight variant to prefer, e.g. fp16")
+        p.add_argument("--raw-weights", action="store_true", help="single files: the non-EMA UNet weights")
+        p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet predicts, when the checkpoint cannot "
+                       "say (SD 2 single files; the loader prints what it chose and why)")
+        p.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="what a Stable Diffusion checkpoint holds")
+    add_model(i, "single file or diffusers folder")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("convert", help="single file ↔ diffusers folder (OUT ending in .safetensors: single file)")
+    add_model(c, "single file or diffusers folder")
+    c.add_argument("out")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    c.add_argument("--raw-weights", action="store_true", help="single files: the non-EMA UNet weights")
+    c.add_argument("--prediction", choices=("eps", "v"), help="ε or v, written into the folder's scheduler config")
+    c.set_defaults(func=cmd_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm", description="Readable diffusion models: train, sample, evaluate; Stable Diffusion text-to-image.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = add_training(sub, "train", PRESETS, "train a pixel-space or latent diffusion model",
+                     "Any config field can be set as --field value (e.g. --lr 5e-4, --unet.channels 64, "
+                     "--schedule.kind linear, --prediction v, --mixed-precision bf16).")
+    t.add_argument("--class-conditional", action="store_true", help="condition on labels (with label dropout for CFG)")
+    t.add_argument("--vae", help="a `ldm train-vae` run directory: train on its latents (latent diffusion)")
+    t.set_defaults(func=cmd_train)
+    v = add_training(sub, "train-vae", VAE_PRESETS, "train the autoencoder for latent diffusion",
+                     "Any config field can be set as --field value (e.g. --kl-weight 1e-5, --vae.channels 64, "
+                     "--disc-start 2000, --reconstruction l2).")
+    v.set_defaults(func=cmd_train_vae)
+    add_sample_commands(sub)
+    add_generate_commands(sub)
     return parser
+
+
+TRAINING_COMMANDS = ("train", "train-vae")  # these take config fields as --field value; the others take no extras
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in TRAINING_COMMANDS:
+        parser.error(f"unrecognized arguments for {args.command}: {' '.join(extra)}")
     try:
-        args.func(args, extra)
+        if args.command in TRAINING_COMMANDS:
+            args.func(args, extra)
+        else:
+            args.func(args)
     except (ValueError, FileNotFoundError, CheckpointError, DatasetUnavailableError, TrainingDiverged) as e:
         print(f"ldm {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -8,12 +8,15 @@ steps (DDIM, respaced DDPM) reuse them unchanged.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from .schedule import NoiseSchedule, gather
 
+# Any denoiser: (x_t (B, C, H, W), t (B,), cond or None) → prediction in its parametrisation. ``cond`` is whatever the
+# model reads: class labels, a text context, or a ``ldm.conditioning.Conditioning`` record.
+Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Prediction = Literal["eps", "x0", "v"]
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")
 

@@ -9,24 +9,11 @@ z ~ N(μ, σ²), as encoding on the fly would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .checkpoint import load_weights
 from .data import ImageDataset
-from .loop import read_run
-from .vae import AutoencoderKL, VAEConfig
-
-
-def load_vae(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, int]:
-    """Load a ``ldm train-vae`` run (directory or checkpoint file): (VAE in eval mode, image size it was trained at)."""
-    from .train_vae import VAETrainConfig
-
-    state, config = read_run(path, VAETrainConfig, "kl_weight", "ldm train-vae")
-    vae = AutoencoderKL(config.vae)
-    load_weights(vae, state["ema"]["model"] if ema else state["model"], source=f"{path} (VAE)")
-    return vae.to(device).eval().requires_grad_(False), config.image_size
+from .vae import AutoencoderKL
 
 
 @dataclass
@@ -75,14 +62,3 @@ def encode_dataset(vae: AutoencoderKL, data: ImageDataset, *, device: str | torc
         stds.append(posterior.std.float().cpu())
     return LatentDataset(torch.cat(means), torch.cat(stds), data.labels, data.num_classes,
                          vae.config.scaling_factor, name=f"{data.name} latents")
-
-
-def check_vae_matches(expected: VAEConfig | None, vae: AutoencoderKL, source: str) -> None:
-    """A latent UNet only makes sense with the VAE whose latents it learned: same shape and same scale."""
-    if expected is None:
-        return
-    got = vae.config
-    for name in ("latent_channels", "downsample_factor", "scaling_factor"):
-        if getattr(got, name) != getattr(expected, name):
-            raise ValueError(f"{source}: the latent model was trained with a VAE of {name} {getattr(expected, name)}, "
-                             f"this VAE has {getattr(got, name)}")

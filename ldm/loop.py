@@ -24,13 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, atomic_save, load_weights, safe_load
-from .config import from_dict, load_json, save_json, to_dict
+from .config import from_dict, save_json, to_dict
 from .data import ImageDataset
 from .ema import EMA
 from .gradient_checkpointing import set_gradient_checkpointing
+from .runs import CHECKPOINT, CONFIG
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
 
 
 @dataclass(frozen=True)
@@ -79,24 +78,6 @@ def with_fields(config: Any, **changes) -> Any:
     if loop:
         own["loop"] = replace(own.get("loop", config.loop), **loop)
     return replace(config, **own)
-
-
-def read_run(path: str | Path, config_class: type, kind: str, command: str) -> tuple[dict, Any]:
-    """Read a run directory (``checkpoint.pt`` + ``config.json``) or a checkpoint file: (state, config).
-
-    ``kind`` is a config field only this kind of run has ("unet", "kl_weight"); a run of another
-    kind gets an error that says which command makes the right one.
-    """
-    path = Path(path)
-    file = path / CHECKPOINT if path.is_dir() else path
-    state = safe_load(file)
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{file} is not an ldm training checkpoint (no 'config' entry)")
-    if kind not in state["config"]:
-        raise CheckpointError(f"{file} is not a run of `{command}` (its config has no {kind!r})")
-    json_file = path / CONFIG if path.is_dir() else None
-    config = load_json(config_class, json_file) if json_file and json_file.exists() else from_dict(config_class, state["config"])
-    return state, config
 
 
 class TrainingDiverged(RuntimeError):

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from .diffusion import Prediction, q_sample, training_target
+from .diffusion import Model, Prediction, q_sample, training_target
 from .schedule import NoiseSchedule, gather
-
-Model = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: Prediction) -> torch.Tensor:

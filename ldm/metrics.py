@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_weights
+from .checkpoint import atomic_save_safetensors, load_weights
 from .data import load_dataset
 from .data.download import cache_root
 
@@ -152,14 +152,7 @@ def load_classifier(cache_dir: str | os.PathLike | None = None, *, progress: boo
         return model.eval()
 
     model, accuracy = train_classifier(progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: a crash (or a second process) never leaves half a file.
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        tmp.write_bytes(save(model.state_dict()))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_safetensors(model.state_dict(), path)  # a crash (or a second process) never leaves half a file
     print(f"trained digit classifier: held-out accuracy {accuracy:.2%}; saved to {path}")
     return model
 

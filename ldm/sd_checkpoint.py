@@ -7,9 +7,10 @@
       conditioner.embedders.{0,1}.* (SDXL)          text_encoder_2/  (SDXL)
       model_ema.* (optional EMA UNet)               tokenizer/ (tokenizer_2/), scheduler/, model_index.json
 
-Both become one ``StableDiffusion``. Models are built on the "meta" device and adopt the file's
-tensors, so nothing is initialised only to be overwritten. Pickled files go through
-``checkpoint.load_state_dict_file``, which never runs code.
+Both are read into the same components — config, tokenizers, text encoders, UNet, VAE, notes — that
+``ldm.load_pipeline`` puts together as a ``StableDiffusion``; this module never needs the pipeline class.
+Models are built on the "meta" device and adopt the file's tensors, so nothing is initialised only to be
+overwritten. Pickled files go through ``checkpoint.load_state_dict_file``, which never runs code.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ import json
 import re
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, load_state_dict_file, load_weight_file, read_json
-from .convert import (Layout, export_state_dict, foreign_names, from_openclip, import_state_dict, scheduler_from_diffusers,
-                      text_encoder_config_from_transformers, text_encoder_config_to_transformers, text_encoder_layout,
-                      to_openclip, unet_config_from_diffusers, unet_config_to_diffusers, unet_layout,
+from .checkpoint import (WEIGHT_STEMS, CheckpointError, atomic_save_safetensors, load_state_dict_file, load_weight_file, read_json,
+                         weight_file)
+from .convert import (Layout, export_state_dict, foreign_names, from_openclip, import_state_dict, sampling_from_diffusers,
+                      sampling_to_diffusers, text_encoder_config_from_transformers, text_encoder_config_to_transformers,
+                      text_encoder_layout, to_openclip, unet_config_from_diffusers, unet_config_to_diffusers, unet_layout,
                       vae_config_from_diffusers, vae_config_to_diffusers, vae_layout)
-from .stable_diffusion import StableDiffusion, StableDiffusionConfig
+from .sd_config import StableDiffusionConfig
 from .text_encoder import TextEncoder
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
@@ -144,10 +146,12 @@ def build_models(config: StableDiffusionConfig) -> dict[str, torch.nn.Module]:
     return models
 
 
-def assemble(config: StableDiffusionConfig, models: dict[str, torch.nn.Module],
-             tokenizers: list[CLIPTokenizer]) -> StableDiffusion:
+def components(config: StableDiffusionConfig, models: dict[str, torch.nn.Module], tokenizers: list[CLIPTokenizer],
+               notes: list[str]) -> dict[str, Any]:
+    """What a loader read, as the keyword arguments of ``StableDiffusion``."""
     second = dict(tokenizer_2=tokenizers[1], text_encoder_2=models["text_encoder_2"]) if config.text_2 is not None else {}
-    return StableDiffusion(tokenizers[0], models["text_encoder"], models["unet"], models["vae"], config, **second)
+    return dict(tokenizer=tokenizers[0], text_encoder=models["text_encoder"], unet=models["unet"], vae=models["vae"],
+                config=config, notes=notes, **second)
 
 
 def bundled_tokenizers(config: StableDiffusionConfig) -> list[CLIPTokenizer]:
@@ -155,17 +159,17 @@ def bundled_tokenizers(config: StableDiffusionConfig) -> list[CLIPTokenizer]:
     return [CLIPTokenizer.from_bundled(pad=config.pad)] + ([CLIPTokenizer.from_bundled(pad="zero")] if config.text_2 else [])
 
 
-def pipeline_models(pipe: StableDiffusion) -> dict[str, torch.nn.Module]:
-    models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-    return models | ({"text_encoder_2": pipe.text_encoder_2} if pipe.text_encoder_2 is not None else {})
+def pipeline_models(pipe) -> dict[str, torch.nn.Module]:
+    """A pipeline's (or a loader's components') models by component name."""
+    return {name: model for name in WEIGHT_STEMS if (model := getattr(pipe, name, None)) is not None}
 
 
 def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None = None, ema: bool = True,
-                     prediction: str | None = None) -> StableDiffusion:
+                     prediction: str | None = None) -> dict[str, Any]:
     """An original-layout file: detect the family (unless ``config`` says), translate and load every component.
 
     ``ema`` takes the EMA UNet weights when the file has them (they sample better); ``prediction``
-    overrides the ε/v choice, which ``pipe.notes`` explains."""
+    overrides the ε/v choice, which the notes explain. Returns ``components``."""
     source = str(path)
     state, metadata = load_weight_file(path)
     config = config or detect_config(state, source)
@@ -179,12 +183,10 @@ def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None =
     state = from_openclip(state)  # OpenCLIP encoders (SD 2, SDXL) fuse q/k/v; other keys pass untouched
     for name, model in models.items():
         import_state_dict(model, state, layouts[name], f"{source} ({name})", assign=True)
-    pipe = assemble(config, models, bundled_tokenizers(config))
-    pipe.notes.append(f"prediction: {chosen} ({why})")
-    return pipe
+    return components(config, models, bundled_tokenizers(config), [f"prediction: {chosen} ({why})"])
 
 
-def save_single_file(pipe: StableDiffusion, path: str | Path) -> Path:
+def save_single_file(pipe, path: str | Path) -> Path:
     """Write the pipeline as one original-layout ``.safetensors`` file (the layout other UIs load)."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -197,34 +199,11 @@ def save_single_file(pipe: StableDiffusion, path: str | Path) -> Path:
     for name, model in pipeline_models(pipe).items():
         exported = export_state_dict(model, layouts[name])
         state |= to_openclip(exported) if layouts[name].prefix in (OPENCLIP_PREFIX, SDXL_PREFIXES[1]) else exported
-    _atomic_safetensors({k: v.contiguous() for k, v in state.items()}, path)
+    atomic_save_safetensors({k: v.contiguous() for k, v in state.items()}, path)
     return path
 
 
 # --- diffusers folders ---------------------------------------------------------------------------
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-                "text_encoder_2": "model"}
-BIN_NAMES = {name: ("pytorch_model.bin" if stem == "model" else f"{stem}.bin") for name, stem in WEIGHT_NAMES.items()}
-PIPELINE_CLASSES = {"StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline",
-                    "StableDiffusionXLPipeline"}
-
-
-def weight_file(folder: Path, component: str, variant: str | None = None) -> Path:
-    """The component's weights: ``.safetensors`` before ``.bin``, the requested variant (e.g. "fp16") first,
-    and a variant file when it is the only one there."""
-    stem = WEIGHT_NAMES[component]
-    names = ([f"{stem}.{variant}.safetensors", BIN_NAMES[component].replace(".bin", f".{variant}.bin")] if variant else [])
-    names += [f"{stem}.safetensors", BIN_NAMES[component]]
-    for name in names:
-        if (folder / component / name).is_file():
-            return folder / component / name
-    others = sorted(p.name for p in (folder / component).glob(f"{stem}*") if p.suffix in (".safetensors", ".bin"))
-    if len(others) == 1:
-        return folder / component / others[0]
-    raise CheckpointError(f"no weights for {component} in {folder / component} "
-                          f"(looked for {', '.join(names)}; found {others or 'none'})")
-
-
 def family_of(unet: UNetConfig) -> str:
     """SDXL is the UNet with added (pooled text, size) conditioning; SD 2 has linear projections in its
     transformer blocks, SD 1 1×1 convolutions."""
@@ -233,15 +212,12 @@ def family_of(unet: UNetConfig) -> str:
     return ("sd2" if unet.linear_projection else "sd1") + ("-inpainting" if unet.in_channels == 9 else "")
 
 
-def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, prediction: str | None = None) -> StableDiffusion:
+def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, prediction: str | None = None) -> dict[str, Any]:
     """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``,
     and for SDXL ``text_encoder_2/``, ``tokenizer_2/``); the prediction type comes from ``scheduler_config.json``
     unless ``prediction`` overrides it."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
-    if index.get("_class_name") not in PIPELINE_CLASSES:
-        raise UnsupportedCheckpoint(f"{folder} holds a {index.get('_class_name')}; "
-                                    f"supported: {', '.join(sorted(PIPELINE_CLASSES))}")
     unet_cfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
     vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
     text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
@@ -253,20 +229,18 @@ def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, pre
         text_2 = text_encoder_config_from_transformers(read_json(folder / "text_encoder_2" / "config.json")).with_(**penultimate)
         tokenizers.append(CLIPTokenizer.from_pretrained(folder / "tokenizer_2"))
         sdxl = dict(text_2=text_2, zero_uncond=index.get("force_zeros_for_empty_prompt", True))
-    scheduler = scheduler_from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
+    sampling = sampling_from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
     why = "the folder's scheduler_config.json"
     if prediction is not None:
-        scheduler["prediction"], why = prediction, "set by the caller"
+        sampling, why = sampling.with_(prediction=prediction), "set by the caller"
     size = read_json(folder / "unet" / "config.json").get("sample_size", 64) * vae_cfg.downsample_factor
     config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad="zero" if tokenizers[0].pad_id == 0 else "eos",
-                                   family=family_of(unet_cfg), size=size, **scheduler, **sdxl)
+                                   family=family_of(unet_cfg), size=size, sampling=sampling, **sdxl)
     models = build_models(config)
     for name, model in models.items():
-        path = weight_file(folder, name, variant)
+        path = weight_file(folder / name, WEIGHT_STEMS[name], variant, what=name)
         import_state_dict(model, load_state_dict_file(path), folder_layouts(config)[name], str(path), assign=True)
-    pipe = assemble(config, models, tokenizers)
-    pipe.notes.append(f"prediction: {config.prediction} ({why})")
-    return pipe
+    return components(config, models, tokenizers, [f"prediction: {config.prediction} ({why})"])
 
 
 def folder_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
@@ -275,7 +249,7 @@ def folder_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
     return layouts | ({"text_encoder_2": text_encoder_layout(config.text_2, "transformers")} if config.text_2 else {})
 
 
-def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
+def save_diffusers_folder(pipe, folder: str | Path) -> Path:
     """Write the pipeline as a diffusers folder that diffusers' ``from_pretrained`` loads."""
     folder = Path(folder)
     c = pipe.config
@@ -289,15 +263,7 @@ def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
                   "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": c.zero_uncond}
     else:
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
-    scheduler = {"_class_name": "DDIMScheduler", "num_train_timesteps": c.schedule.num_train_timesteps,
-                 "beta_schedule": kinds[c.schedule.kind], "beta_start": c.schedule.beta_start, "beta_end": c.schedule.beta_end,
-                 "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[c.prediction],
-                 "steps_offset": c.steps_offset, "set_alpha_to_one": c.set_alpha_to_one,
-                 "clip_sample": False, "rescale_betas_zero_snr": c.schedule.zero_terminal_snr}
-    if c.spacing is not None:  # absent: each scheduler class's own default, as when it was read
-        scheduler["timestep_spacing"] = c.spacing
-    configs = {"model_index.json": index, "scheduler/scheduler_config.json": scheduler,
+    configs = {"model_index.json": index, "scheduler/scheduler_config.json": sampling_to_diffusers(c.sampling),
                "unet/config.json": unet_config_to_diffusers(c.unet) | {"sample_size": c.size // c.vae.downsample_factor},
                "vae/config.json": vae_config_to_diffusers(c.vae),
                "text_encoder/config.json": text_encoder_config_to_transformers(c.text)}
@@ -315,46 +281,19 @@ def save_diffusers_folder(pipe: StableDiffusion, folder: str | Path) -> Path:
         if name.startswith("text_encoder"):  # an encoder read through its final norm early is cut there, as diffusers does
             used = configs[f"{name}/config.json"]["num_hidden_layers"]
             state = {k: v for k, v in state.items() if not (m := re.search(r"\.layers\.(\d+)\.", k)) or int(m[1]) < used}
-        _atomic_safetensors(state, folder / name / f"{WEIGHT_NAMES[name]}.safetensors")
+        atomic_save_safetensors(state, folder / name / f"{WEIGHT_STEMS[name]}.safetensors")
     return folder
-
-
-def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
-
-
-# --- either ---------------------------------------------------------------------------------------
-def load_pipeline(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  ema: bool = True, variant: str | None = None, config: StableDiffusionConfig | None = None,
-                  prediction: str | None = None) -> StableDiffusion:
-    """Load Stable Diffusion from a single file (``.safetensors``, ``.ckpt``) or a diffusers folder, ready to sample.
-
-    ``config`` overrides family detection for single files (e.g. a fine-tune saved with another schedule);
-    ``variant`` picks a diffusers weight variant ("fp16"); ``dtype`` is the weights' dtype on ``device``;
-    ``prediction`` ("eps" or "v") overrides what the checkpoint says or implies — ``pipe.notes`` tells which.
-    """
-    path = Path(path)
-    if path.is_dir():
-        pipe = load_diffusers_folder(path, variant=variant, prediction=prediction)
-    elif path.exists():
-        pipe = load_single_file(path, config=config, ema=ema, prediction=prediction)
-    else:
-        raise CheckpointError(f"no checkpoint at {path} (expected a .safetensors/.ckpt file or a diffusers folder)")
-    return pipe.to(device=device, dtype=dtype)
 
 
 def inspect_checkpoint(path: str | Path, config: StableDiffusionConfig | None = None) -> dict[str, Any]:
     """What a checkpoint holds: family, components with parameter counts and dtypes, EMA, unrecognised keys.
 
-    ``config`` skips family detection for single files, as in ``load_pipeline``."""
+    ``config`` skips family detection for single files, as in ``ldm.load_pipeline``."""
     path = Path(path)
     unrecognised: list[str] = []
     if path.is_dir():
-        pipe = load_diffusers_folder(path)
-        config, ema, notes, models = pipe.config, False, pipe.notes, pipeline_models(pipe)
+        parts = load_diffusers_folder(path)
+        config, ema, notes, models = parts["config"], False, parts["notes"], pipeline_models(SimpleNamespace(**parts))
         dtypes = {name: {p.dtype for p in m.parameters()} for name, m in models.items()}
     else:
         state, metadata = load_weight_file(path)

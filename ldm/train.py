@@ -15,10 +15,12 @@ import torch
 from .data import ImageDataset, load_dataset
 from .diffusion import PREDICTIONS, Prediction
 from .images import save_grid
-from .latent import LatentDataset, check_vae_matches, encode_dataset, load_vae
+from .latent import LatentDataset, encode_dataset
 from .loop import LoopConfig, TrainLoop, with_fields
 from .losses import diffusion_loss
+from .runs import check_vae_matches, load_vae
 from .samplers import sample
+from .sampling import default_device
 from .schedule import NoiseSchedule, ScheduleConfig
 from .unet import UNet, UNetConfig
 from .vae import VAEConfig
@@ -84,7 +86,7 @@ class Trainer(TrainLoop):
         u = config.unet
         self.vae = None
         if config.vae is not None:
-            self.vae, image_size = load_vae(config.vae, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.vae, image_size = load_vae(config.vae, device=device or default_device())
             check_vae_matches(config.vae_config, self.vae, str(config.vae))
             config = config.with_(vae=str(Path(config.vae).resolve()), vae_config=self.vae.config)
             if dataset is None:
@@ -132,7 +134,7 @@ class Trainer(TrainLoop):
         save_grid(x, path, nrow=u.num_classes or None, scale=2)
 
 
-def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
+def train_diffusion(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
           progress: bool = True) -> Trainer:
     """Build a ``Trainer``, optionally resume it from ``out_dir``, and train to the budget."""
     return Trainer(config, out_dir, device=device, progress=progress).fit(resume)

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttentionBlock, SpatialTransformer
-from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, timestep_embedding, zero_init
-from .conv import Conv2d, cpu_channels_last
+from .blocks import Downsample, ResBlock, TimestepEmbedding, Upsample, cpu_channels_last, timestep_embedding, zero_init
 from .gradient_checkpointing import run_stage
 
 
@@ -175,7 +174,7 @@ class UNet(nn.Module):
             if c.num_classes else None
         # only TimestepEmbedding's two layers are used here: added_embedding builds the input features itself
         self.add_embedding = TimestepEmbedding(c.added_cond_dim, emb_dim) if c.added_cond_dim else None
-        self.conv_in = Conv2d(c.in_channels, c.channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout=c.dropout, groups=c.norm_groups, eps=c.norm_eps, scale_shift=c.scale_shift)
@@ -216,7 +215,7 @@ class UNet(nn.Module):
                 self.up.append(UNetStage(layers))
 
         self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=c.norm_eps)
-        self.conv_out = zero_init(Conv2d(ch, c.out_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, c.out_channels, 3, padding=1))
         for module in self.modules():
             if isinstance(module, ResBlock):
                 zero_init(module.conv2)

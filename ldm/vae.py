@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttentionBlock
-from .blocks import Downsample, ResBlock, Upsample
-from .conv import Conv2d, cpu_channels_last
+from .blocks import Downsample, ResBlock, Upsample, cpu_channels_last
 from .gradient_checkpointing import run_stage
 
 
@@ -101,7 +100,7 @@ class Encoder(nn.Module):
 
     def __init__(self, c: VAEConfig):
         super().__init__()
-        self.conv_in = Conv2d(c.in_channels, c.channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
         self.down = nn.ModuleList()
         ch = c.channels
         for level, mult in enumerate(c.channel_mult):
@@ -114,7 +113,7 @@ class Encoder(nn.Module):
             self.down.append(nn.Sequential(*layers))
         self.mid = _mid(ch, c.norm_groups, c.norm_eps, c.mid_attention)
         self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=c.norm_eps)
-        self.conv_out = Conv2d(ch, 2 * c.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(cpu_channels_last(x))
@@ -131,7 +130,7 @@ class Decoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch = c.channels * c.channel_mult[-1]
-        self.conv_in = Conv2d(c.latent_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.latent_channels, ch, 3, padding=1)
         self.mid = _mid(ch, c.norm_groups, c.norm_eps, c.mid_attention)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -143,7 +142,7 @@ class Decoder(nn.Module):
                 layers.append(Upsample(ch))
             self.up.append(nn.Sequential(*layers))
         self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=c.norm_eps)
-        self.conv_out = Conv2d(ch, c.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = run_stage(self, self.mid, self.conv_in(cpu_channels_last(z)))
@@ -164,8 +163,8 @@ class AutoencoderKL(nn.Module):
         self.config = c = config
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
-        self.quant_conv = Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
-        self.post_quant_conv = Conv2d(c.latent_channels, c.latent_channels, 1)
+        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
 
     def encode(self, x: torch.Tensor, tile: int | None = None) -> DiagonalGaussian:
         """Images (B, C, H, W) → the posterior q(z | x) over latents (B, z, H/f, W/f). With ``tile`` (in latent

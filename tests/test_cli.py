@@ -87,3 +87,32 @@ def test_latent_recipe_commands(tmp_path):
     main(["sample", str(run), "--n", "4", "--steps", "3", "--class", "5", "--guidance", "2", "--trajectory", "--out", str(out)])
     assert Image.open(tmp_path / "g_trajectory.gif").n_frames == 3
     assert Image.open(out).size == (2 * (2 + 2 * 34), 2 * (2 + 2 * 34))  # 2×2 grid of 32×32 decoded digits, scale 2
+
+
+REQUIRED = {"train": ["--out", "x"], "train-vae": ["--out", "x"], "sample": ["m"], "evaluate": ["m"],
+            "txt2img": ["m", "--prompt", "a"], "img2img": ["m", "--prompt", "a", "--image", "i.png"],
+            "inpaint": ["m", "--prompt", "a", "--image", "i.png", "--mask", "k.png"], "inspect": ["m"],
+            "convert": ["m", "out"]}
+
+
+def test_every_command_refuses_an_unknown_option_by_name(capsys):
+    from ldm.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert commands == set(REQUIRED)  # a new command needs its line here
+    for command, required in REQUIRED.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([command, *required, "--stesp", "3"])
+        assert exit_.value.code not in (0, None), command
+        assert "--stesp" in capsys.readouterr().err, command
+
+
+def test_the_model_is_given_once_either_way(run_dir, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    main(["sample", "--checkpoint", str(run_dir), "--steps", "2", "--n", "2", "--out", str(out)])
+    assert out.is_file()
+    capsys.readouterr()
+    for twice_or_never in (["sample", str(run_dir), "--checkpoint", str(run_dir)], ["sample"]):
+        with pytest.raises(SystemExit):
+            main([*twice_or_never, "--steps", "2", "--out", str(out)])
+        assert "give the model once" in capsys.readouterr().err

@@ -35,9 +35,9 @@ def test_cli_overrides_reach_nested_configs():
                                               "--attention", "false,true"])
     assert c.loop.lr == 5e-4 and c.unet.channels == 48 and c.schedule.kind == "linear"
     assert c.loop.mixed_precision == "bf16" and c.unet.channel_mult == (1, 2)
-    with pytest.raises(SystemExit, match="unknown option --colour"):
+    with pytest.raises(ValueError, match="unknown option --colour"):
         override_config(TrainConfig.mnist(), ["--colour", "red"])
-    with pytest.raises(SystemExit, match="unknown option --vae.channels"):
+    with pytest.raises(ValueError, match="unknown option --vae.channels"):
         override_config(TrainConfig.mnist(), ["--vae.channels", "3"])
 
 

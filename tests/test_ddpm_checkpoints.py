@@ -14,8 +14,9 @@ from PIL import Image
 
 from ldm.checkpoint import CheckpointError
 from ldm.cli import main
-from ldm.convert import ddpm_sampling_from_diffusers, import_state_dict, unet_config_from_diffusers, unet_layout
-from ldm.pipeline import DiffusionPipeline, is_diffusers_folder
+from ldm import load_pipeline
+from ldm.convert import import_state_dict, sampling_from_diffusers, unet_config_from_diffusers, unet_layout
+from ldm.loading import checkpoint_kind
 from ldm.unet import UNet, UNetConfig
 
 GOOGLE = dict(layers_per_block=2, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
@@ -49,14 +50,15 @@ def test_presets_equal_the_google_architectures():
 
 
 def test_ddpm_scheduler_settings():
-    assert ddpm_sampling_from_diffusers({}) == dict(clip_x0=True, variance="fixed_small")  # DDPMScheduler's defaults
-    cifar = {"variance_type": "fixed_large", "clip_sample": False}
-    assert ddpm_sampling_from_diffusers(cifar) == dict(clip_x0=False, variance="fixed_large")
-    assert ddpm_sampling_from_diffusers({"variance_type": "fixed_small_log"})["variance"] == "fixed_small"
+    defaults = sampling_from_diffusers({})  # DDPMScheduler's defaults
+    assert (defaults.clip_x0, defaults.variance, defaults.spacing) == (True, "fixed_small", None)
+    cifar = sampling_from_diffusers({"variance_type": "fixed_large", "clip_sample": False})
+    assert (cifar.clip_x0, cifar.variance) == (False, "fixed_large")
+    assert sampling_from_diffusers({"variance_type": "fixed_small_log"}).variance == "fixed_small"
     for bad, match in (({"variance_type": "learned_range"}, "learned_range"), ({"thresholding": True}, "thresholding"),
                        ({"clip_sample_range": 2.0}, "clip_sample_range")):
         with pytest.raises(ValueError, match=match):
-            ddpm_sampling_from_diffusers(bad)
+            sampling_from_diffusers(bad)
 
 
 def test_unsupported_unet_options_are_named():
@@ -116,14 +118,15 @@ def test_ddim_equals_diffusers_ddim_pipeline(folders, name):
     drawn as diffusers draws it (CPU generator, (B, C, H, W) float32), so a seed gives diffusers' images."""
     diffusers = pytest.importorskip("diffusers")
     folder, unet, scheduler = folders[name]
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe = load_pipeline(folder)
     # DDIMPipeline turns any scheduler into a DDIMScheduler with the same config, as ldm reads it
     ref = diffusers.DDIMPipeline(unet, diffusers.DDIMScheduler.from_config(scheduler.config))
     ref.set_progress_bar_config(disable=True)
     for seed in (0, 3):
         expected = ref(batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=5, eta=0.0,
                        output_type="np").images
-        got = as_diffusers_np(pipe(2, sampler="ddim", num_inference_steps=5, eta=0.0, seed=seed, progress=False))
+        got = as_diffusers_np(pipe(2, sampler="ddim", num_inference_steps=5, eta=0.0, seed=seed, progress=False,
+                                   output="tensor"))
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() < 1e-4
 
@@ -138,12 +141,13 @@ def test_respaced_ddpm_equals_diffusers_ddpm_pipeline(folders, name):
     ref = diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler.from_config(scheduler.config))
     ref.set_progress_bar_config(disable=True)
     expected = ref(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=10, output_type="np").images
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    assert pipe.config.variance == scheduler.config.variance_type
-    got = as_diffusers_np(pipe(2, sampler="ddpm", num_inference_steps=10, seed=1, progress=False))
+    pipe = load_pipeline(folder)
+    assert pipe.sampling.variance == scheduler.config.variance_type
+    got = as_diffusers_np(pipe(2, sampler="ddpm", num_inference_steps=10, seed=1, progress=False, output="tensor"))
     assert np.abs(got - expected).max() < 1e-4
     other = "fixed_small" if name == "cifar" else "fixed_large"  # the variance matters: the other gives other images
-    got = as_diffusers_np(pipe(2, sampler="ddpm", num_inference_steps=10, seed=1, progress=False, variance=other))
+    got = as_diffusers_np(pipe(2, sampler="ddpm", num_inference_steps=10, seed=1, progress=False, variance=other,
+                               output="tensor"))
     assert np.abs(got - expected).max() > 1e-3
 
 
@@ -153,14 +157,15 @@ def test_bare_unet_folder_with_bin_weights_and_default_scheduler(folders, tmp_pa
     scheduler_config.json it samples as the pipeline folder; without one DDPMScheduler's defaults apply."""
     folder, unet, scheduler = folders["cifar"]
     unet.save_pretrained(tmp_path, safe_serialization=False)
-    assert (tmp_path / "diffusion_pytorch_model.bin").is_file() and is_diffusers_folder(tmp_path)
-    defaults = DiffusionPipeline.from_run(tmp_path)  # from_run hands diffusers folders to from_pretrained
-    assert (defaults.config.variance, defaults.config.clip_x0, defaults.config.spacing) == ("fixed_small", True, None)
+    assert (tmp_path / "diffusion_pytorch_model.bin").is_file() and checkpoint_kind(tmp_path) == "ddpm-folder"
+    defaults = load_pipeline(tmp_path)
+    assert (defaults.sampling.variance, defaults.sampling.clip_x0, defaults.sampling.spacing) == ("fixed_small", True, None)
     scheduler.save_pretrained(tmp_path)
-    bare = DiffusionPipeline.from_run(tmp_path)
-    full = DiffusionPipeline.from_pretrained(folder)
-    assert bare.config == full.config and bare.config.variance == "fixed_large"
-    assert torch.equal(bare(2, num_inference_steps=3, progress=False), full(2, num_inference_steps=3, progress=False))
+    bare = load_pipeline(tmp_path)
+    full = load_pipeline(folder)
+    assert bare.sampling == full.sampling and bare.sampling.variance == "fixed_large"
+    assert torch.equal(bare(2, num_inference_steps=3, progress=False, output="tensor"),
+                       full(2, num_inference_steps=3, progress=False, output="tensor"))
 
 
 @pytest.mark.reference
@@ -179,7 +184,7 @@ def test_sample_command_on_folders(folders, tmp_path, capsys):
     npy = tmp_path / "s.npy"
     main(["sample", str(folders["256"][0]), "--steps", "5", "--n", "2", "--seed", "3", "--out", str(tmp_path / "g.png"),
           "--npy", str(npy)])
-    expected = DiffusionPipeline.from_pretrained(folders["256"][0])(2, num_inference_steps=5, seed=3, progress=False)
+    expected = load_pipeline(folders["256"][0])(2, num_inference_steps=5, seed=3, progress=False, output="tensor")
     assert np.allclose(np.load(npy), ((expected.clamp(-1, 1) + 1) / 2).numpy(), atol=1e-6)
 
 
@@ -191,23 +196,23 @@ def test_folder_errors_are_named(folders, tmp_path, capsys):
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps(index | {"_class_name": "KarrasVePipeline"}))
     with pytest.raises(CheckpointError, match="KarrasVePipeline"):
-        DiffusionPipeline.from_pretrained(other)
+        load_pipeline(other)
     with pytest.raises(SystemExit):
         main(["sample", str(other), "--out", str(tmp_path / "x.png")])
     assert "holds a diffusers KarrasVePipeline" in capsys.readouterr().err
     (other / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="missing .*unet/config.json"):
-        DiffusionPipeline.from_pretrained(other)
+        load_pipeline(other)
     (other / "unet").mkdir()
     (other / "unet" / "config.json").write_text((folder / "unet" / "config.json").read_text())
     with pytest.raises(CheckpointError, match="no UNet weights"):
-        DiffusionPipeline.from_pretrained(other)
+        load_pipeline(other)
     (other / "scheduler").mkdir()
     (other / "scheduler" / "scheduler_config.json").write_text(json.dumps({"variance_type": "learned_range"}))
     with pytest.raises(ValueError, match="learned_range"):
-        DiffusionPipeline.from_pretrained(other)
-    with pytest.raises(ValueError, match="diffusers folder"):
-        DiffusionPipeline.from_run(folder, ema=False)
+        load_pipeline(other)
+    with pytest.raises(ValueError, match="diffusers DDPM/DDIM folder: ema does not apply"):
+        load_pipeline(folder, ema=False)
 
 
 # --- full size ---------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ import torch
 
 from ldm.checkpoint import CheckpointError
 from ldm.data import ImageDataset
-from ldm.latent import LatentDataset, encode_dataset, load_vae
-from ldm.pipeline import DiffusionPipeline
+from ldm import load_pipeline
+from ldm.latent import LatentDataset, encode_dataset
+from ldm.runs import load_vae
 from ldm.train import TrainConfig, Trainer
 from ldm.train_vae import VAETrainConfig, VAETrainer
 from ldm.unet import UNetConfig
@@ -53,8 +54,8 @@ def test_latent_model_trains_and_samples_images(vae_dir, digits32, tmp_path):
     trainer = Trainer(config, tmp_path, dataset=encode_dataset(vae, digits32), progress=False)
     trainer.train()
     assert trainer.config.vae_config == vae.config
-    pipe = DiffusionPipeline.from_run(tmp_path)
-    images = pipe(3, num_inference_steps=3, class_label=[1, 2, 3], guidance=2.0, progress=False)
+    pipe = load_pipeline(tmp_path)
+    images = pipe(3, num_inference_steps=3, class_label=[1, 2, 3], guidance_scale=2.0, progress=False, output="tensor")
     assert images.shape == (3, 1, 32, 32)
     assert (tmp_path / "samples.png").exists()
 
@@ -65,9 +66,9 @@ def test_wrong_vae_pairing_is_named(vae_dir, digits32, tmp_path):
     Trainer(config, tmp_path / "run", dataset=encode_dataset(vae, digits32), progress=False).train()
     other = vae_run(tmp_path / "other", digits32, TINY_VAE.with_(latent_channels=3))
     with pytest.raises(ValueError, match="latent_channels 2, this VAE has 3"):
-        DiffusionPipeline.from_run(tmp_path / "run", vae=other)
+        load_pipeline(tmp_path / "run", vae=other)
     with pytest.raises(CheckpointError, match="not a run of `ldm train`"):
-        DiffusionPipeline.from_run(vae_dir)  # a VAE run where a diffusion run is expected
+        load_pipeline(vae_dir)  # a VAE run where a diffusion run is expected
     with pytest.raises(CheckpointError, match="not a run of `ldm train-vae`"):
         load_vae(tmp_path / "run")
     with pytest.raises(ValueError, match="latent-space UNet"):

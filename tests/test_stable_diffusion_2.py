@@ -4,7 +4,8 @@ and 64-channel-style heads — against diffusers with the same tiny random weigh
 import pytest
 from safetensors.torch import load_file
 
-from ldm.sd_checkpoint import inspect_checkpoint, load_pipeline, save_diffusers_folder, save_single_file
+from ldm import load_pipeline
+from ldm.sd_checkpoint import inspect_checkpoint, save_diffusers_folder, save_single_file
 from ldm.text_encoder import TextEncoder
 from test_stable_diffusion import our_images, ref_images, tiny_components, write_vocab
 
@@ -87,7 +88,7 @@ def test_zero_terminal_snr_trailing_and_guidance_rescale_match_diffusers(sd2, tm
     ref.set_progress_bar_config(disable=True)
     ref.save_pretrained(tmp_path / "ztsnr")
     ours = load_pipeline(tmp_path / "ztsnr")
-    assert ours.config.schedule.zero_terminal_snr and ours.config.spacing == "trailing"
+    assert ours.sampling.schedule.zero_terminal_snr and ours.sampling.spacing == "trailing"
     assert ours.schedule.alpha_bar_f64[-1] == 0
     expected = ref_images(ref, "a lighthouse", guidance_rescale=0.7)
     assert (our_images(ours, "a lighthouse", guidance_rescale=0.7) - expected).abs().max() < 2e-3

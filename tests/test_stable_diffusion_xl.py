@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.sd_checkpoint import detect_config, inspect_checkpoint, load_pipeline, save_diffusers_folder, save_single_file
+from ldm import load_pipeline
+from ldm.sd_checkpoint import detect_config, inspect_checkpoint, save_diffusers_folder, save_single_file
 from test_stable_diffusion import SIZE, our_images, ref_images, write_vocab
 
 diffusers = pytest.importorskip("diffusers")

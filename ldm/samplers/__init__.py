@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..schedule import NoiseSchedule, Spacing
-from .common import Model, StepRecord, randn
+from .common import StepRecord, randn, run_to_end
 from .ddim import ddim
 from .ddpm import ddpm
 from .dpm_solver import dpm_solver_timesteps, dpmpp_2m
@@ -43,7 +42,7 @@ def sampler_timesteps(name: str, schedule: NoiseSchedule, num_inference_steps: i
 
 
 def sample(
-    model: Model,
+    model,
     schedule: NoiseSchedule,
     shape: tuple[int, ...],
     *,
@@ -61,18 +60,15 @@ def sample(
     """
     loop = get_sampler(name=sampler)
     x = randn(shape, generator, device) if x_T is None else x_T
-    record = None
     if options.get("timesteps") is not None:
         steps = len(options["timesteps"])
     else:  # each sampler's own default: all T steps for ddpm, 50 for the others
         steps = options.get("num_inference_steps") or (schedule.num_train_timesteps if sampler == "ddpm" else 50)
-    for record in tqdm(loop(model, schedule, x, generator=generator, **options), total=steps, disable=not progress, desc=sampler):
-        pass
-    return record.x_prev
+    return run_to_end(loop(model, schedule, x, generator=generator, **options), steps, progress, sampler).x_prev
 
 
 __all__ = [
-    "DEFAULT_SPACING", "SAMPLERS", "Model", "StepRecord", "classifier_free_guidance", "ddim", "ddpm",
+    "DEFAULT_SPACING", "SAMPLERS", "StepRecord", "classifier_free_guidance", "ddim", "ddpm",
     "dpm_solver_timesteps", "dpmpp_2m", "euler", "euler_ancestral", "euler_timesteps", "get_sampler", "randn",
-    "sample", "sampler_timesteps",
+    "run_to_end", "sample", "sampler_timesteps",
 ]

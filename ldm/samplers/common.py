@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
-from ..diffusion import Prediction, split_prediction
-
-# Any denoiser: (x_t (B, C, H, W), t (B,) int64, cond or None) → prediction in its parametrisation.
-Model = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+from ..diffusion import Model, Prediction, split_prediction
 
 
 @dataclass
@@ -61,3 +59,16 @@ def alpha_bars(schedule, timesteps: torch.Tensor, final_alpha_bar: float | None 
     ab = schedule.alpha_bar_f64[timesteps]
     last = torch.tensor([1.0 if final_alpha_bar is None else final_alpha_bar], dtype=torch.float64)
     return ab, torch.cat([ab[1:], last])
+
+
+def run_to_end(records: SamplerLoop, total: int | None = None, progress: bool = True, desc: str = "sample",
+               each: Callable[[StepRecord], None] | None = None) -> StepRecord:
+    """Run a sampler's generator to its last step, with a progress bar of ``total`` steps, handing every record to
+    ``each`` (e.g. to keep a trajectory); the last record."""
+    record = None
+    for record in tqdm(records, total=total, disable=not progress, desc=desc):
+        if each is not None:
+            each(record)
+    if record is None:
+        raise ValueError("the sampler ran no step")
+    return record
