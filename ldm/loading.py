@@ -72,8 +72,9 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
                                           prediction=prediction).items() if value}
     what, takes = KINDS[kind]
     if given - takes:
-        raise ValueError(f"{path} is {what}: {', '.join(sorted(given - takes))} does not apply to it "
-                         f"(it takes {', '.join(sorted(takes)) or 'no options'}; raw weights are `ema=False`)")
+        refused = ", ".join("ema=False (raw weights)" if name == "ema" else name for name in sorted(given - takes))
+        raise ValueError(f"{path} is {what}: {refused} does not apply to it "
+                         f"(it takes {', '.join(sorted(takes)) or 'no options'})")
     device = device or default_device()
     if kind == "run":
         pipe = _load_run(path, ema, vae, device)

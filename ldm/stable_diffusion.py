@@ -3,8 +3,9 @@
     prompt ─tokenizer─► ids (B, 77) ─text_encoder─► context (B, 77, D)
     noise (B, 4, H/8, W/8) ─sampler ⟲ unet(z_t, t, context), classifier-free guided─► z_0 ─vae.decode(z_0 / s)─► image
 
-Composes the pieces; the maths lives in ``samplers``, ``unet``, ``vae``, ``text_encoder``. Latents stay in
-float32 between steps whatever the weights' dtype; the UNet sees them in its own dtype.
+Composes the pieces; the maths lives in ``samplers``, ``unet``, ``vae``, ``text_encoder``, and what both pipelines
+share (sampling settings, the guided denoiser over a ``Conditioning``, the img2img start) in ``sampling.Pipeline``.
+Latents stay in float32 between steps whatever the weights' dtype; the UNet sees them in its own dtype.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def test_folder_errors_are_named(folders, tmp_path, capsys):
     (other / "scheduler" / "scheduler_config.json").write_text(json.dumps({"variance_type": "learned_range"}))
     with pytest.raises(ValueError, match="learned_range"):
         load_pipeline(other)
-    with pytest.raises(ValueError, match="diffusers DDPM/DDIM folder: ema does not apply"):
+    with pytest.raises(ValueError, match=r"diffusers DDPM/DDIM folder: ema=False \(raw weights\) does not apply"):
         load_pipeline(folder, ema=False)
 
 
