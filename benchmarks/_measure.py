@@ -157,8 +157,8 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": _version("diffusers"),
         "transformers": _version("transformers"), "ldm": _version("ldm-diffusion"), "device": str(device),
     }
-    with contextlib.suppress(AttributeError, RuntimeError):
-        info["cpu_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cpu":
+        info["cpu_bf16"] = native_bf16(device)
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
@@ -166,11 +166,24 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def matmul_probe(n: int, device: torch.device, repeats: int = 3) -> dict[str, float]:
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware (a CPU without it emulates bf16 at a few GFLOP/s)."""
+    if device.type == "cuda":
+        return True
+    with contextlib.suppress(AttributeError, RuntimeError):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def matmul_probe(n: int, device: torch.device, repeats: int = 3) -> dict[str, float | None]:
     """GFLOP/s of an n×n @ n×n matmul in fp32 and bf16 (best of ``repeats`` after one warm-up): the
-    machine's speed right now, so a slow run on a busy machine can be told from a slow library."""
-    out = {}
+    machine's speed right now, so a slow run on a busy machine can be told from a slow library. bf16 is
+    probed only where it is native: emulated, one 4096² product takes minutes (its value is then None)."""
+    out: dict[str, float | None] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if dtype == torch.bfloat16 and not native_bf16(device):
+            out[f"{name}_gflops"] = None
+            continue
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         best = float("inf")

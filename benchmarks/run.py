@@ -25,7 +25,7 @@ speed never hides a correctness regression: fp32 rows agree to ~1e-6, bf16 rows 
 
 How it measures (``_measure.py``): every row runs in a fresh process that builds both models, warms each up,
 then alternates ldm and diffusers calls and keeps each side's median, so load from elsewhere hits both; a
-4096² matmul probe (fp32 and bf16 GFLOP/s) before and after the run shows how fast the machine was.
+4096² matmul probe (fp32, and bf16 where it is native) before and after the run shows how fast the machine was.
 Weights (``_weights.py``): written once by diffusers with ``torch.manual_seed(0)`` into a folder under the
 temp directory and loaded by both libraries; both run their defaults, with no speed-up switched on by hand.
 
@@ -175,8 +175,8 @@ def header(info: dict, probe: dict) -> str:
 
 
 def probe_line(when: str, probe: dict) -> str:
-    return (f"matmul probe {when} the run ({probe['size']}²): fp32 {probe['fp32_gflops']:.0f} GFLOP/s, "
-            f"bf16 {probe['bf16_gflops']:.0f} GFLOP/s")
+    bf16 = "not native, not probed" if probe["bf16_gflops"] is None else f"{probe['bf16_gflops']:.0f} GFLOP/s"
+    return f"matmul probe {when} the run ({probe['size']}²): fp32 {probe['fp32_gflops']:.0f} GFLOP/s, bf16 {bf16}"
 
 
 def table(results: list[dict]) -> str:

@@ -26,17 +26,18 @@ its transforms have entries up to 8 and 1/24, so its fp32 result is ~10× less e
 below what a model notices).
 
 im2col  [Chellapilla, Puri & Simard 2006, "High Performance Convolutional Neural Networks for Document
-Processing", §2]: the convolution as one matrix product
+Processing"]: the convolution as one matrix product
 
     Y[p, o] = Σ_{c,i,j} x[p + (i − 1, j − 1), c] · W[o, c, i, j] = (X Wᵀ)[p, o]
 
 where row p of X (B·H·W, C_in·9) holds pixel p's 3×3 neighbourhood in the weight's own (c, i, j) order, so
 W is read in place as a (C_out, C_in·9) matrix.
 
-Neither keeps anything between calls: Winograd transforms the filters afresh each call, which is cheap
-beside the convolution where an image has many pixels, and where it has few (SD's 8×8 level) the filters
-are not transformed at all. GPUs get Winograd from cuDNN already, and training keeps the direct kernel (its
-backward is fused and needs no transformed copies saved).
+Neither keeps anything between calls. Winograd transforms the filters afresh on each call, a block of output
+channels at a time, which is cheap beside the convolution where a batch has many pixels; where it has very
+few for a large weight (one 8×8 latent: 64) the transform costs more than the convolution, and im2col needs
+none. GPUs get Winograd from cuDNN already, and training keeps the direct kernel (its backward is fused and
+needs no transformed copies saved).
 """
 
 from __future__ import annotations
@@ -73,26 +74,36 @@ def winograd_filters(weight: torch.Tensor, m: int = 2) -> torch.Tensor:
     return (GG @ weight.detach().reshape(-1, 9).T).view(-1, weight.shape[0], weight.shape[1])
 
 
-def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """3×3 convolution, stride 1, zero padding 1, via F(m×m, 3×3) (module docstring); m follows from the filters.
+# Filters are transformed this many bytes at a time and used at once. glibc serves larger allocations with fresh
+# pages from the OS on every call (its mmap threshold tops out at 32 MiB), and faulting those in costs as much
+# as the transform itself: a whole 1280 × 1280 F(2×2) transform takes 58 ms that way, in blocks 27 ms.
+BLOCK_BYTES = 32 * 2**20
 
-    Shapes: x (B, C_in, H, W) with H and W multiples of m, filters (n², C_out, C_in) from
-    ``winograd_filters(weight, m)``, bias (C_out,) → (B, C_out, H, W), in channels-last memory (the layout
-    the tiles are built in).
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, m: int = 2,
+                     block_bytes: int = BLOCK_BYTES) -> torch.Tensor:
+    """3×3 convolution, stride 1, zero padding 1, via F(m×m, 3×3) (module docstring), the filters transformed
+    (``winograd_filters``) for a block of output channels at a time, at most ``block_bytes`` of them.
+
+    Shapes: x (B, C_in, H, W) with H and W multiples of m, weight (C_out, C_in, 3, 3), bias (C_out,)
+    → (B, C_out, H, W), in channels-last memory (the layout the tiles are built in). Inference only: the
+    blocks are written into one output tensor, which autograd cannot follow.
     """
-    n = round(filters.shape[0] ** 0.5)
-    m = n - 2
+    n = m + 2
     BB, _, AA = _transforms(m, x.dtype, x.device)
     B, C, H, W = x.shape
-    th, tw = H // m, W // m
+    C_out, tiles = weight.shape[0], B * (H // m) * (W // m)
     padded = x.new_zeros(B, H + 2, W + 2, C)
     padded[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
     # the n×n input tiles, one every m pixels, as n² rows of (tiles · C_in) numbers
     d = padded.unfold(1, n, m).unfold(2, n, m).permute(4, 5, 0, 1, 2, 3).reshape(n * n, -1)
-    V = BB @ d  # vec(Bᵀ d B) = (Bᵀ ⊗ Bᵀ) vec(d), every tile and channel at once
-    M = torch.bmm(V.view(n * n, B * th * tw, C), filters.transpose(1, 2))  # BLAS reads Uᵀ in place
-    Y = (AA @ M.view(n * n, -1)).view(m, m, B, th, tw, -1)  # vec(Aᵀ M A)
-    out = Y.permute(2, 3, 0, 4, 1, 5).reshape(B, H, W, -1)  # (tile row, row in tile) → image row
+    Vt = (BB @ d).view(n * n, tiles, C).transpose(1, 2)  # vec(Bᵀ d B) = (Bᵀ ⊗ Bᵀ) vec(d), every tile at once
+    Mt = x.new_empty(n * n, C_out, tiles)  # Mᵀ_ξ = U_ξ V_ξᵀ, a block of output channels (rows) at a time
+    step = max(1, block_bytes // (n * n * C * x.element_size()))
+    for o in range(0, C_out, step):
+        torch.bmm(winograd_filters(weight[o : o + step], m), Vt, out=Mt[:, o : o + step])
+    Y = (AA @ Mt.view(n * n, -1)).view(m, m, C_out, B, H // m, W // m)  # vec(Aᵀ M A)
+    out = Y.permute(3, 4, 0, 5, 1, 2).reshape(B, H, W, C_out)  # (tile row, row in tile) → image row
     if bias is not None:
         out += bias
     return out.permute(0, 3, 1, 2)
@@ -112,37 +123,40 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 class FastConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same state-dict keys) whose 3×3, stride-1, padding-1 convolution runs
-    on the CPU at inference (no gradients wanted, float32) as the fastest of ``im2col_conv3x3`` and
-    ``winograd_conv3x3`` with filters transformed per call; everything else goes to ``nn.Conv2d``. Made by
-    ``enable_fast_cpu``, only for layers with at least ``MIN_CHANNELS`` input channels.
+    on the CPU at inference (no gradients wanted, float32) as ``im2col_conv3x3`` or ``winograd_conv3x3``,
+    whichever is fastest for the image's size; everything else goes to ``nn.Conv2d``. ``enable_fast_cpu``
+    makes them, only for layers with at least ``MIN_CHANNELS`` input channels.
 
-    Measured on a 2-core AMD EPYC (Zen 1: AVX2 and FMA, no AVX-512; a 4096² fp32 matmul at 66 GFLOP/s),
-    torch 2.13, against oneDNN's direct kernel on channels-last input, per layer of an SD 1.5 UNet step
-    (B = 2) and of the SD VAE decoder (B = 1), in float32 (filter transform time included):
+    Measured on a 2-core AMD EPYC (Zen 1: AVX2 and FMA, no AVX-512; a 4096² fp32 matmul at 65 GFLOP/s),
+    torch 2.13, against oneDNN's direct kernel on channels-last input, in float32, filter transforms included;
+    layers of an SD 1.5 UNet step (B = 2 with guidance) and of the SD VAE decoder (B = 1):
 
-    | pixels B·H·W | layer (C_in → C_out @ H) | direct | im2col | F(2×2) | F(4×4) |
+    | pixels B·H·W | layer: C_in → C_out @ H | direct | im2col | F(2×2) | F(4×4) |
     |---|---|---|---|---|---|
-    | 128   | 1280 → 1280 @ 8, 2560 → 1280 @ 8     | 94, 213 ms  | **1.46×, 1.48×** | 1.04×, 1.10× | 0.63×, 0.65× |
-    | 512   | 640 → 1280 @ 16, 1280 → 1280 @ 16    | 108, 247 ms | 0.83×, 0.96×  | **1.17×, 1.35×** | 1.00×, 1.17× |
-    | 2048  | 640 → 640 @ 32, 1280 → 640 @ 32      | 206, 413 ms | 0.79×, 0.75×  | 1.55×, 1.35× | **1.73×, 2.09×** |
-    | 2048  | 1280 → 1280 @ 32                     | 940 ms      | 0.53×         | 0.93×        | **2.42×** |
-    | 8192  | 320 → 320 @ 64, 640 → 640 @ 64       | 202, 812 ms | —             | 1.36×, 1.46× | **2.26×, 2.32×** |
-    | 4096  | 512 → 512 @ 64 (VAE)                 | 270 ms      | —             | 1.47×        | **2.33×** |
-    | 16384 | 512 → 512 @ 128 (VAE)                | 1054 ms     | —             | 1.40×        | **2.16×** |
-    | 16384 | 128 → 128 @ 32, 64 → 64 @ 32 (B = 16) | 63, 15 ms  | —             | 0.73×, 0.64× | 1.15×, 0.96× |
+    | 32 | 1280 → 1280, 2560 → 1280 @ 4 | 64, 131 ms | **2.73, 2.72×** | 1.07, 1.24× | 0.62, 0.71× |
+    | 64 | 1280 → 1280 @ 8 (B = 1) | 76 ms | **1.93×** | 1.11× | 0.70× |
+    | 128 | 1280 → 1280, 2560 → 1280 @ 8 | 78, 190 ms | 1.06, 1.30× | **1.24, 1.39×** | 0.79, 0.90× |
+    | 256 | 1280 → 1280 @ 16 (B = 1) | 147 ms | 0.99× | **1.53×** | 1.12× |
+    | 512 | 640, 1280, 2560 → 1280 @ 16 | 111, 234, 474 ms | 0.88–0.91× | **1.51–1.61×** | 1.45–1.54× |
+    | 2048 | 640 → 640, 1280 → 640, 1280 → 1280 @ 32 | 198, 406, 838 ms | 0.75–0.87× | 1.49–1.65× | **1.96–2.48×** |
+    | 8192 | 320 → 320, 640 → 640 @ 64 | 204, 797 ms | — | 1.16, 1.44× | **2.23, 2.40×** |
+    | 4096 | 512 → 512 @ 64 (VAE) | 262 ms | — | 1.52× | **2.30×** |
+    | 16384 | 512 → 512 @ 128 (VAE) | 1068 ms | — | 1.36× | **1.95×** |
+    | 16384 | 256 → 256, 128 → 128 @ 32 (B = 16) | 247, 61 ms | — | 0.97, 0.80× | **1.62**, 1.16× |
+    | 65536 | 512 → 512 @ 256 (VAE) | 4474 ms | — | 0.85× | 1.77× |
 
-    Transforming the filters costs about as much as the direct convolution where an image has few pixels
-    for a large weight (62 ms for F(2×2) of a 1280 × 1280 layer, 120 ms for F(4×4)), so there the one GEMM of
-    im2col wins; with more pixels the transform is paid back by F(4×4)'s 4× fewer multiplies. F(4×4) would
-    still pay beyond ``MAX_PIXELS`` (2.3× at 256×256 with 512 channels), but its tiles take 2.25× the
-    image's memory, so larger images keep the direct kernel. Below ``MIN_CHANNELS`` (the MNIST and
-    CIFAR-10 UNets) the direct kernel is as fast or faster. bfloat16 keeps the direct kernel: without
-    cached filters the transforms cost more than its faster GEMMs save.
+    With few pixels for a large weight the filter transform costs as much as the convolution (27 ms for
+    F(2×2) of a 1280 × 1280 layer, 58 ms for F(4×4)), so the smallest images take im2col; with more pixels
+    F(4×4)'s 4× fewer multiplies pay the transform back. F(4×4) would still pay beyond ``MAX_PIXELS``, but
+    its tiles take 2.25× the image's memory, so larger images keep the direct kernel. Below ``MIN_CHANNELS``
+    (the MNIST and CIFAR-10 UNets) the gain is small or none. bfloat16 keeps the direct kernel: its earlier
+    Winograd path paid only with the filters transformed once and kept, and this CPU, without native bf16,
+    cannot measure a per-call one.
     """
 
     MIN_CHANNELS = 256
-    IM2COL_PIXELS = 256  # at most this many pixels in the batch (B·H·W): im2col
-    WINOGRAD2_PIXELS = 1024  # then, below this: F(2×2); from here on: F(4×4)
+    IM2COL_PIXELS = 64  # at most this many pixels in the batch (B·H·W): im2col
+    WINOGRAD4_PIXELS = 1024  # from here on F(4×4) where the size allows it, below (or where not) F(2×2)
     MAX_PIXELS = 16384
 
     def fast_path(self, x: torch.Tensor) -> str | None:
@@ -154,19 +168,18 @@ class FastConv2d(nn.Conv2d):
         pixels = B * H * W
         if pixels <= self.IM2COL_PIXELS:
             return "im2col"
-        if pixels < self.WINOGRAD2_PIXELS and H % 2 == W % 2 == 0:
-            return "winograd2"
-        if pixels <= self.MAX_PIXELS and H % 4 == W % 4 == 0:
+        if pixels > self.MAX_PIXELS:
+            return None
+        if pixels >= self.WINOGRAD4_PIXELS and H % 4 == W % 4 == 0:
             return "winograd4"
-        return None
+        return "winograd2" if H % 2 == W % 2 == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.fast_path(x)
         if path == "im2col":
             return im2col_conv3x3(x, self.weight, self.bias)
-        if path is not None:
-            m = int(path[-1])
-            return winograd_conv3x3(x, winograd_filters(self.weight, m), self.bias)
+        if path in ("winograd2", "winograd4"):
+            return winograd_conv3x3(x, self.weight, self.bias, int(path[-1]))
         return super().forward(x)
 
 
