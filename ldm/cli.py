@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from PIL import Image
 
 from .checkpoint import CheckpointError
@@ -119,8 +118,9 @@ def denoise(pipe, records, total: int, trajectory: Path | None, keep: int = 10) 
     if trajectory is not None:
         scale = 3 if frames[0][1].shape[-1] <= 64 else 1  # enlarge small digits, not 512² images
         strip = save_strip([torch.stack([x[0] for _, x, _ in frames]), torch.stack([x0[0] for _, _, x0 in frames])],
-                           trajectory.with_suffix(".png"), scale=scale)
-        gif = save_gif([torch.cat([x, x0], dim=-1) for _, x, x0 in frames], trajectory.with_suffix(".gif"), scale=scale)
+                           trajectory.with_name(trajectory.name + ".png"), scale=scale)
+        gif = save_gif([torch.cat([x, x0], dim=-1) for _, x, x0 in frames], trajectory.with_name(trajectory.name + ".gif"),
+                       scale=scale)
         print(f"trajectory: {strip} (top: x_t, bottom: predicted x0, at t = {[t for t, _, _ in frames]}), {gif}")
     return pipe.decode(last.x_prev)
 

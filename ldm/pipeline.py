@@ -16,7 +16,7 @@ import torch
 from .conditioning import Conditioning
 from .diffusion import q_sample
 from .perf import enable_fast_cpu
-from .samplers import StepRecord, get_sampler, randn, run_to_end
+from .samplers import StepRecord, get_sampler, randn
 from .sampling import Output, Pipeline, SamplingConfig
 from .schedule import NoiseSchedule
 from .unet import UNet
@@ -125,7 +125,7 @@ class DiffusionPipeline(Pipeline):
             batch = {k: v[part] if k in ("image", "x_T") and v is not None else v for k, v in options.items()}
             records = self.loop(part.stop - part.start, num_inference_steps=num_inference_steps, seed=g,
                                 class_label=None if labels is None else labels[part], **batch)
-            chunks.append(self.decode(run_to_end(records, total, progress, "sample").x_prev))
+            chunks.append(self.run(records, total, progress, "tensor"))
         return self.images(torch.cat(chunks), output)
 
     @torch.inference_mode()
@@ -140,7 +140,7 @@ class DiffusionPipeline(Pipeline):
         x_T = torch.cat([slerp(x_a, x_b, w) for w in torch.linspace(0, 1, frames).tolist()])
         records = self.loop(frames, sampler="ddim", num_inference_steps=num_inference_steps, class_label=class_label,
                             x_T=x_T, eta=0.0, **options)
-        return self.images(self.decode(run_to_end(records, None, False).x_prev), output)
+        return self.run(records, None, False, output)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:

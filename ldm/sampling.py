@@ -201,7 +201,7 @@ class Pipeline:
         steps = num_inference_steps or self.default_steps
         return img2img_steps(steps, strength) if image is not None and strength < 1.0 else steps
 
-    def run(self, records, total: int, progress: bool, output: Output) -> list[Image.Image] | torch.Tensor:
+    def run(self, records, total: int | None, progress: bool, output: Output) -> list[Image.Image] | torch.Tensor:
         """Run ``loop``'s records to the end with a progress bar and decode the last x_prev to ``output``."""
         return self.images(self.decode(run_to_end(records, total, progress, "denoise").x_prev), output)
 

@@ -34,12 +34,12 @@ def test_sample_is_reproducible_and_writes_npy(run_dir, tmp_path):
 
 
 def test_sample_trajectory_class_and_guidance(run_dir, tmp_path):
-    out = tmp_path / "t.png"
+    out = tmp_path / "t.v1.png"  # a dot in the stem: the trajectory files keep it
     main(["sample", str(run_dir), "--steps", "5", "--n", "4", "--class", "7", "--guidance", "3", "--trajectory",
           "--sampler", "ddpm", "--out", str(out)])
     assert Image.open(out).size[0] > 0
-    assert Image.open(tmp_path / "t_trajectory.gif").n_frames == 5
-    assert Image.open(tmp_path / "t_trajectory.png").size[1] > 2 * 28
+    assert Image.open(tmp_path / "t.v1_trajectory.gif").n_frames == 5
+    assert Image.open(tmp_path / "t.v1_trajectory.png").size[1] > 2 * 28
 
 
 def test_errors_are_clear(run_dir, tmp_path, capsys):
