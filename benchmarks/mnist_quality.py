@@ -76,7 +76,7 @@ def main() -> None:
             unet = base.unet.with_(**change.pop("unet", {}))
             config = base.with_(unet=unet, max_minutes=args.minutes, sample_every=0, **change)
             run = args.out / name.replace(" ", "-")
-            train_diffusion(config, run, progress=False)
+            train_diffusion(config, run, overwrite=True, progress=False)  # a re-run of the sweep starts each run over
             print_row(name, score(run, args.n, args.steps, classifier))
     else:
         print(header)

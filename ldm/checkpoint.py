@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import pickletools
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -26,7 +28,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Write a file through ``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``.
 
     A rename within one filesystem is atomic, so a kill at any moment (or a second process writing the same
-    file) leaves either the old file or the new one, never half of one.
+    file) leaves either the old file or the new one, never half of one. A write that fails (a full disk)
+    removes its temporary file, leaves the old file as it was, and raises ``CheckpointError`` naming the file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,15 +40,35 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            kept = f"; {path.name} is unchanged" if path.exists() else ""
+            if _disk_full(e):
+                free = shutil.disk_usage(path.parent).free
+                raise CheckpointError(f"disk full: cannot write {path} ({free / 2**20:.0f} MiB free){kept}") from e
+            raise CheckpointError(f"cannot write {path}: {e}{kept}") from e
         raise
     return path
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` or its cause is "no space left" (torch's zip writer reports it as a RuntimeError)."""
+    while error is not None:
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through ``atomic_write``."""
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_save_json(data: Any, path: str | Path) -> Path:
+    """A JSON file (indented, one trailing newline) through ``atomic_write``."""
+    return atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def atomic_save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -80,7 +103,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors …
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only torch file): {e}") from e
+        _refuse_unsafe(path, _pickle_globals(path))
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only torch file): "
+                              f"{_diagnosis(e)}") from e
 
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -152,22 +177,29 @@ def _load_pickled_weights(path: Path) -> Any:
         error = e
     names = _pickle_globals(path)
     inert = sorted(n for n in names if n.startswith(_INERT_PREFIXES) or n in _INERT_NAMES)
-    # The private table is the one torch.serialization.get_unsafe_globals_in_checkpoint consults.
-    refused = sorted(names - set(inert) - set(_weights_only_unpickler._get_allowed_globals()))
-    if refused:
-        raise CheckpointError(
-            f"refusing to load {path}: its pickle calls {', '.join(refused)}, which no weight file needs; "
-            "the file may be malicious"
-        )
+    _refuse_unsafe(path, names - set(inert))
     if inert:
         try:
             with torch.serialization.safe_globals([(_Inert, name) for name in inert]):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:
             error = e
-    # Keep torch's diagnosis, not its advice to retry with the safety turned off.
-    reason = re.split(r"Please use|Check the documentation", str(error).split("WeightsUnpickler error:")[-1])[0].strip()
-    raise CheckpointError(f"cannot read {path} (truncated, corrupt, or not a torch weight file): {reason}") from error
+    raise CheckpointError(f"cannot read {path} (truncated, corrupt, or not a torch weight file): {_diagnosis(error)}") from error
+
+
+def _refuse_unsafe(path: Path, names: set[str]) -> None:
+    """Refuse by name a pickle that calls globals no weight file needs (``os.system``, ``builtins.exec`` …)."""
+    # The private table is the one torch.serialization.get_unsafe_globals_in_checkpoint consults.
+    refused = sorted(names - set(_weights_only_unpickler._get_allowed_globals()))
+    if refused:
+        raise CheckpointError(f"refusing to load {path}: its pickle calls {', '.join(refused)}, which no weight file "
+                              "needs; the file may be malicious (do not load it with weights_only=False)")
+
+
+def _diagnosis(error: Exception) -> str:
+    """torch's reason for refusing a file, without its advice to retry with the safety turned off."""
+    text = str(error).split("WeightsUnpickler error:")[-1]
+    return re.split(r"Please use|Check the documentation|In PyTorch 2\.6|weights_only", text)[0].strip().rstrip(".(")
 
 
 def _pickle_globals(path: Path) -> set[str]:

@@ -27,6 +27,8 @@ from .loading import load_pipeline
 from .loop import TrainingDiverged
 from .metrics import evaluate_digits, load_samples_npy
 from .pipeline import DiffusionPipeline
+from .run_dir import BACKUP, check_run_dir
+from .runs import CHECKPOINT, CONFIG
 from .samplers import SAMPLERS, run_to_end
 from .sampling import default_device
 from .sd_checkpoint import inspect_checkpoint, save_diffusers_folder, save_single_file
@@ -69,21 +71,29 @@ def override_config(config, pairs: list[str]):
 
 
 def run_config(preset, args: argparse.Namespace, extra: list[str], **direct):
-    """A preset with the command's options and ``--field value`` pairs applied; checks budget and resume."""
+    """A preset with the command's options and ``--field value`` pairs applied; checks the budget and, before any
+    data loads, the run directory (writable; an existing run needs --resume or --overwrite)."""
     direct.update(steps=args.steps, max_minutes=args.max_minutes, dataset=args.dataset, data_dir=args.data_dir)
     config = override_config(preset().with_(**{k: v for k, v in direct.items() if v is not None}), extra)
     if config.loop.steps is None and config.loop.max_minutes is None:
         raise ValueError("give a budget: --steps N and/or --max-minutes M")
-    if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
-        raise ValueError(f"--resume: no checkpoint.pt in {args.out}")
+    if args.resume and not (Path(args.out) / CHECKPOINT).exists():
+        raise ValueError(f"--resume: no {CHECKPOINT} in {args.out} (drop --resume to start a new run there)")
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     return config
+
+
+def run_summary(trainer, command: str) -> str:
+    """What a training command leaves: its step and the files it wrote."""
+    written = [name for name in ("samples.png", CHECKPOINT, CONFIG, "metrics.json") if (trainer.out_dir / name).exists()]
+    return f"{command} to step {trainer.step}; run directory {trainer.out_dir} ({', '.join(written)})"
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     config = run_config(PRESETS[args.preset], args, extra, vae=args.vae, class_conditional=args.class_conditional or None)
-    trainer = train_diffusion(config, args.out, resume=args.resume, device=args.device)
+    trainer = train_diffusion(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     if trainer.rank == 0:
-        print(f"trained to step {trainer.step}; run directory {args.out} (samples.png, checkpoint.pt, config.json)")
+        print(run_summary(trainer, "trained"))
 
 
 def model_path(args: argparse.Namespace) -> str:
@@ -156,10 +166,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_train_vae(args: argparse.Namespace, extra: list[str]) -> None:
-    trainer = train_vae(run_config(VAE_PRESETS[args.preset], args, extra), args.out, resume=args.resume, device=args.device)
+    trainer = train_vae(run_config(VAE_PRESETS[args.preset], args, extra), args.out, resume=args.resume,
+                        overwrite=args.overwrite, device=args.device)
     if trainer.rank == 0:
-        metrics = (Path(args.out) / "metrics.json").read_text()
-        print(f"trained VAE to step {trainer.step}; run directory {args.out}\n{metrics}")
+        print(f"{run_summary(trainer, 'trained VAE')}\n{(trainer.out_dir / 'metrics.json').read_text()}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -251,26 +261,45 @@ def add_model(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--checkpoint", help="the model, as an option instead of MODEL")
 
 
+def number(kind: type, minimum: float, inclusive: bool = True):
+    """An argparse type: a ``kind`` number ≥ ``minimum`` (> with ``inclusive=False``), or an error that says so."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'≥' if inclusive else '>'} {minimum}, got {text}")
+        return value
+    return parse
+
+
 def add_sampling(p: argparse.ArgumentParser, sampler: str, steps: int, guidance: float, n: int) -> None:
     """The options every sampling command shares, with that command's defaults."""
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=sampler)
-    p.add_argument("--steps", type=int, default=steps, help="number of inference steps")
+    p.add_argument("--steps", type=number(int, 1), default=steps, help="number of inference steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=float, default=guidance,
-                   help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--n", type=int, default=n, help="number of images")
+    p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=number(float, 0), default=guidance,
+                   help="classifier-free guidance scale ≥ 0 (1 = off, 0 = unconditional)")
+    p.add_argument("--n", type=number(int, 1), default=n, help="number of images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
 
 
 def add_training(sub, name: str, presets, help_: str, epilog: str) -> argparse.ArgumentParser:
-    t = sub.add_parser(name, help=help_, epilog=epilog)
+    t = sub.add_parser(name, help=help_, epilog=f"{epilog} An OUT that already holds a run is refused unless you add "
+                       "--resume (continue it) or --overwrite (start it over). A checkpoint is written every 500 steps "
+                       "or 5 minutes (--checkpoint-every, --checkpoint-minutes), and on Ctrl-C or SIGTERM.")
     t.add_argument("--preset", choices=sorted(presets), default="mnist")
-    t.add_argument("--out", required=True, help="run directory (checkpoint, config, sample grids)")
-    t.add_argument("--steps", type=int, help="stop at this many optimizer steps (total, counting resumed ones)")
-    t.add_argument("--max-minutes", type=float, help="stop after this many minutes of this invocation")
+    t.add_argument("--out", required=True, help="run directory (checkpoint, config, sample grids); if it already "
+                   "holds a run, give --resume or --overwrite")
+    t.add_argument("--steps", type=number(int, 1), help="stop at this many optimizer steps (total, counting resumed ones)")
+    t.add_argument("--max-minutes", type=number(float, 0, inclusive=False),
+                   help="stop after this many minutes of this invocation")
     t.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}, or a folder of images")
     t.add_argument("--data-dir", help="where datasets are cached / placed by hand")
     t.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true", help=f"start the run in OUT over (its checkpoint is kept as "
+                   f"{BACKUP} until the new run's first save)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     return t
 
@@ -282,7 +311,7 @@ def add_sample_commands(sub) -> None:
     add_model(s, "run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
     add_sampling(s, "ddim", 50, 1.0, 64)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
-    s.add_argument("--batch-size", type=int, default=128,
+    s.add_argument("--batch-size", type=number(int, 1), default=128,
                    help="samples per UNet batch (lower it to save memory: a 256×256 DDPM model needs about 0.3 GB per sample)")
     s.add_argument("--class", dest="class_label", type=int,
                    help="class label for a class-conditional model (default: every class in turn, a column each)")

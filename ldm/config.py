@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -45,14 +43,6 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
 def _dataclass_in(hint: Any) -> type | None:
     candidates = typing.get_args(hint) or (hint,)
     return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
-
-
-def save_json(config: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
-
-
-def load_json(cls: type[C], path: str | Path) -> C:
-    return from_dict(cls, json.loads(Path(path).read_text()))
 
 
 def parse_value(cls: type, name: str, text: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import ImageDataset
 from .vae import AutoencoderKL
@@ -52,10 +53,10 @@ class LatentDataset:
 
 @torch.no_grad()
 def encode_dataset(vae: AutoencoderKL, data: ImageDataset, *, device: str | torch.device = "cpu",
-                   batch_size: int = 256) -> LatentDataset:
+                   batch_size: int = 256, progress: bool = True) -> LatentDataset:
     """Encode every image once (no flips: augmentation would have to happen before encoding)."""
     means, stds = [], []
-    for start in range(0, len(data), batch_size):
+    for start in tqdm(range(0, len(data), batch_size), desc="encoding dataset", disable=not progress, leave=False):
         x, _ = data.batch(torch.arange(start, min(start + batch_size, len(data))))
         posterior = vae.encode(x.to(device))
         means.append(posterior.mean.float().cpu())

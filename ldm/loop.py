@@ -3,7 +3,7 @@
 A subclass builds its model and says what one step's loss is (``loss``) and what its
 samples look like (``save_samples``); this class does the rest. Run state (weights, EMA,
 optimizer, step, RNG) is one checkpoint per run directory, written atomically, so
-``resume`` continues exactly.
+``resume`` continues exactly; ``ldm.run_dir`` guards the directory so that no run is overwritten by accident.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_save, load_weights, safe_load
-from .config import from_dict, save_json, to_dict
+from .checkpoint import CheckpointError, atomic_save, atomic_save_json, load_weights, safe_load
+from .config import from_dict, to_dict
 from .data import ImageDataset
 from .ema import EMA
 from .gradient_checkpointing import set_gradient_checkpointing
+from .run_dir import BACKUP, back_up_checkpoint, check_free_space, check_run_dir
 from .runs import CHECKPOINT, CONFIG
-
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,21 @@ class LoopConfig:
     gradient_checkpointing: bool = False  # recompute each stage in backward: less memory, ~⅓ more compute per step
     steps: int | None = None  # total optimizer steps, counting resumed ones
     max_minutes: float | None = None  # wall-clock budget of one invocation
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # steps …
+    checkpoint_minutes: float = 5.0  # … or minutes since the last checkpoint, whichever comes first
     sample_every: int = 1000  # 0: only at the end
     seed: int = 0
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
             raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto; got {self.mixed_precision!r}")
+        positive = dict(batch_size=self.batch_size, lr=self.lr, steps=self.steps, max_minutes=self.max_minutes,
+                        checkpoint_every=self.checkpoint_every, checkpoint_minutes=self.checkpoint_minutes)
+        for name, value in positive.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be > 0, got {value}")
+        if self.sample_every < 0 or self.warmup_steps < 0:
+            raise ValueError(f"sample_every and warmup_steps must be ≥ 0, got {self.sample_every}, {self.warmup_steps}")
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:
@@ -121,6 +129,8 @@ class TrainLoop:
         self.generator = torch.Generator().manual_seed(config.loop.seed * 1000 + self.rank)
         self.step = 0
         self.losses: list[float] = []
+        self.claimed = False  # whether this run may write into out_dir (it resumed from it or checked it)
+        self.backup: Path | None = None  # the overwritten run's checkpoint, until this run's first save
         torch.manual_seed(config.loop.seed)
 
     def setup_model(self, model: nn.Module) -> None:
@@ -152,11 +162,32 @@ class TrainLoop:
         }
 
     def save(self) -> None:
+        """Write config.json and the checkpoint (rank 0), each atomically: a kill or a full disk keeps the last ones."""
         if self.rank != 0:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_json(self.config, self.out_dir / CONFIG)
+        atomic_save_json(to_dict(self.config), self.out_dir / CONFIG)
         atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+        if self.backup is not None:
+            self.backup.unlink(missing_ok=True)
+            self.backup = None
+
+    def claim(self, overwrite: bool = False) -> None:
+        """Before the first step: check ``out_dir`` (writable, room for a checkpoint, no other run in it unless
+        ``overwrite``) and write its config.json, so even a run killed at once leaves a directory that says what it was."""
+        if self.claimed:
+            return
+        check_run_dir(self.out_dir, overwrite=overwrite)
+        check_free_space(self.out_dir, self.checkpoint_bytes())
+        if self.rank == 0:
+            if overwrite and back_up_checkpoint(self.out_dir):
+                self.backup = self.out_dir / BACKUP
+            atomic_save_json(to_dict(self.config), self.out_dir / CONFIG)
+        self.claimed = True
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of a checkpoint: weights, EMA weights and AdamW's two moments, plus 1 MiB of the rest."""
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        return 4 * weights + 2**20
 
     def resume(self, path: str | Path | None = None) -> None:
         """Restore everything from ``path`` (default: this run's checkpoint) to continue exactly."""
@@ -168,6 +199,7 @@ class TrainLoop:
             details = "\n".join(f"  {name}: saved {theirs[name]}\n  {' ' * len(name)}  now   {ours[name]}" for name in changed)
             raise CheckpointError(f"checkpoint was trained with another model config:\n{details}")
         self.load_state_dict(state)
+        self.claimed = self.claimed or path is None  # continuing this directory's own run
 
     def model_signature(self, config: Any) -> dict[str, Any]:
         """The parts of a config that fix the model's shape and meaning; a resume must not change them."""
@@ -233,56 +265,88 @@ class TrainLoop:
         return value
 
     # --- the loop ------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> "TrainLoop":
-        """Resume from this run's checkpoint if asked, then train to the budget."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> "TrainLoop":
+        """Resume from this run's checkpoint if asked (or start over in its directory with ``overwrite``),
+        then train to the budget."""
+        if resume and overwrite:
+            raise ValueError("resume continues the run in out_dir and overwrite starts it over: give one of them")
         if resume:
             self.resume()
-        self.train()
+        self.train(overwrite=overwrite)
         return self
 
-    def train(self) -> Path:
+    def train(self, overwrite: bool = False) -> Path:
         """Train until ``steps`` (total, counting resumed ones) or ``max_minutes`` (this call) run out.
 
-        Ctrl-C or SIGTERM stop after the current step with a checkpoint written. Returns the run dir.
+        A checkpoint is written every ``checkpoint_every`` steps or ``checkpoint_minutes`` minutes. Ctrl-C or
+        SIGTERM (to every process under torchrun) stop after the current step with a checkpoint written. Under
+        DDP rank 0 decides when to stop and every rank stops at the same step. Returns the run dir.
         """
         c = self.config.loop
         if c.steps is None and c.max_minutes is None:
             raise ValueError("set a budget: steps and/or max_minutes")
-        deadline = time.monotonic() + 60 * c.max_minutes if c.max_minutes is not None else math.inf
+        self.claim(overwrite)
+        start = time.monotonic()
+        deadline = start + 60 * c.max_minutes if c.max_minutes is not None else math.inf
+        first_step, saved_step, last_save = self.step, None, start
         stop = {"signal": None}
         restore = self._install_signal_handlers(stop)
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         try:
-            while (c.steps is None or self.step < c.steps) and time.monotonic() < deadline and stop["signal"] is None:
+            while (c.steps is None or self.step < c.steps) and not self.should_stop(deadline, stop):
                 loss = self.train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_at(self.step):.1e}")
-                if self.step % c.checkpoint_every == 0:
+                if self.step % c.checkpoint_every == 0 or time.monotonic() - last_save >= 60 * c.checkpoint_minutes:
                     self.save()
+                    saved_step, last_save = self.step, time.monotonic()
                 if c.sample_every and self.step % c.sample_every == 0 and self.rank == 0:
                     self.save_samples(self.out_dir / "samples" / f"step_{self.step:07d}.png")
-        except KeyboardInterrupt:
-            stop["signal"] = "KeyboardInterrupt"
         finally:
             bar.close()
             restore()
-        self.save()
-        if stop["signal"] is None:
+        if self.step != saved_step and (self.step > first_step or not (self.out_dir / CHECKPOINT).exists()):
+            self.save()
+        if self.step == first_step:
             if self.rank == 0:
-                self.save_samples(self.out_dir / "samples.png")
-        elif self.rank == 0:
-            print(f"stopped by {stop['signal']} at step {self.step}; checkpoint saved in {self.out_dir}")
+                print(f"{self.out_dir} is at step {self.step}: nothing to train (raise --steps to go on)")
+            return self.out_dir
+        if self.rank == 0:
+            if stop["signal"] is None:
+                self.save_samples(self.out_dir / "samples.png", progress=self.progress)
+            else:
+                print(f"stopped by {stop['signal']} at step {self.step}; checkpoint saved in {self.out_dir}")
         return self.out_dir
 
-    def save_samples(self, path: Path) -> None:
+    def should_stop(self, deadline: float, stop: dict) -> bool:
+        """Stop now? On a signal, or when rank 0's clock passes the deadline. Under DDP one all-reduce of a
+        code (0 go on, 1 deadline, 2 signal) gives every rank the same answer, so all stop at the same step
+        and none is left waiting in a collective the others never join."""
+        code = 2 if stop["signal"] else 1 if self.rank == 0 and time.monotonic() >= deadline else 0
+        if self.distributed:
+            flag = torch.tensor([code], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+            if code == 2 and stop["signal"] is None:
+                stop["signal"] = "a signal to another process"
+        return code > 0
+
+    def save_samples(self, path: Path, progress: bool = False) -> None:
         """Write a picture of what the model does now (rank 0 only)."""
         raise NotImplementedError
 
     def _install_signal_handlers(self, stop: dict):
-        if self.distributed or not hasattr(signal, "SIGTERM"):
-            return lambda: None
+        """SIGTERM and a first Ctrl-C ask the loop to stop after the current step (a second Ctrl-C aborts)."""
+
+        def request(signum, frame):
+            if stop["signal"] is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            stop["signal"] = signal.Signals(signum).name
+            if self.rank == 0 and signum == signal.SIGINT:
+                print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)")
+
         try:
-            previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
+            previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread
             return lambda: None
-        return lambda: signal.signal(signal.SIGTERM, previous)
+        return lambda: [signal.signal(s, handler) for s, handler in previous.items()]

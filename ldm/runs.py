@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load_weights, safe_load
+from .checkpoint import CheckpointError, load_weights, read_json, safe_load
 from .config import from_dict
 from .sampling import SamplingConfig
 from .schedule import ScheduleConfig
@@ -27,6 +27,8 @@ CONFIG = "config.json"
 def read_run(path: str | Path, kind: str, command: str) -> tuple[dict, dict[str, Any]]:
     """Read a run directory (``checkpoint.pt`` + ``config.json``) or a checkpoint file: (state, config as a dict).
 
+    The config is the checkpoint's own, the one its weights were trained with; ``config.json`` beside it is a copy
+    for people to read, and one that disagrees with it (edited, or copied from another run) is an error.
     ``kind`` is a config field only this kind of run has ("unet", "kl_weight"); a run of another kind gets an
     error that says which command makes the right one.
     """
@@ -35,15 +37,28 @@ def read_run(path: str | Path, kind: str, command: str) -> tuple[dict, dict[str,
     state = safe_load(file)
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{file} is not an ldm training checkpoint (no 'config' entry)")
-    if kind not in state["config"]:
+    config = state["config"]
+    if kind not in config:
         raise CheckpointError(f"{file} is not a run of `{command}` (its config has no {kind!r})")
-    json_file = path / CONFIG if path.is_dir() else None
-    if json_file is None or not json_file.exists():
-        return state, state["config"]
-    try:
-        return state, json.loads(json_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{json_file} is not valid JSON ({e})") from None
+    json_file = file.parent / CONFIG
+    if json_file.is_file():
+        differences = _differences(read_json(json_file), config)
+        if differences:
+            shown = "; ".join(differences[:4]) + (f"; … ({len(differences)} in all)" if len(differences) > 4 else "")
+            raise CheckpointError(f"{json_file} disagrees with {file} ({shown}); the checkpoint holds the config its "
+                                  f"weights were trained with: delete {json_file.name} or restore it from that run")
+    return state, config
+
+
+def _differences(json_config: Any, config: Any, prefix: str = "") -> list[str]:
+    """Where two configs (nested dicts) differ, as "field: X in config.json, Y in the checkpoint"."""
+    if isinstance(json_config, dict) and isinstance(config, dict):
+        keys = [*config, *(key for key in json_config if key not in config)]  # the config's own order: model first
+        return [line for key in keys
+                for line in _differences(json_config.get(key, "(absent)"), config.get(key, "(absent)"), f"{prefix}{key}.")]
+    if json_config == config:
+        return []
+    return [f"{prefix.rstrip('.')}: {json.dumps(json_config)} in {CONFIG}, {json.dumps(config)} in the checkpoint"]
 
 
 def load_diffusion_run(path: str | Path, *, ema: bool = True) -> tuple[UNet, SamplingConfig, str | None, VAEConfig | None]:

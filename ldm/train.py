@@ -92,7 +92,8 @@ class Trainer(TrainLoop):
             if dataset is None:
                 images = load_dataset(config.dataset, config.data_dir, image_size=image_size,
                                       channels=self.vae.config.in_channels)
-                dataset = encode_dataset(self.vae, images, device=next(self.vae.parameters()).device)
+                device = next(self.vae.parameters()).device
+                dataset = encode_dataset(self.vae, images, device=device, progress=progress)
         elif dataset is None:
             dataset = load_dataset(config.dataset, config.data_dir, image_size=u.sample_size, channels=u.in_channels)
         if dataset.image_size != u.sample_size or dataset.channels != u.in_channels:
@@ -120,7 +121,7 @@ class Trainer(TrainLoop):
                               generator=self.generator, min_snr_gamma=self.config.min_snr_gamma).mean()
 
     @torch.no_grad()
-    def save_samples(self, path: Path) -> None:
+    def save_samples(self, path: Path, progress: bool = False) -> None:
         c, u = self.config, self.config.unet
         if not c.sample_n:
             return
@@ -128,13 +129,14 @@ class Trainer(TrainLoop):
         x = sample(self.ema.model, self.schedule, (c.sample_n, u.in_channels, u.sample_size, u.sample_size),
                    sampler="ddim", num_inference_steps=c.sample_steps, prediction=c.prediction, cond=cond,
                    clip_x0=c.clip_sample, generator=torch.Generator().manual_seed(c.loop.seed), device=self.device,
-                   progress=False)
+                   progress=progress)
         if self.vae is not None:
             x = self.vae.decode(x / self.vae.config.scaling_factor)
         save_grid(x, path, nrow=u.num_classes or None, scale=2)
 
 
-def train_diffusion(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
-          progress: bool = True) -> Trainer:
-    """Build a ``Trainer``, optionally resume it from ``out_dir``, and train to the budget."""
-    return Trainer(config, out_dir, device=device, progress=progress).fit(resume)
+def train_diffusion(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                    device: str | None = None, progress: bool = True) -> Trainer:
+    """Build a ``Trainer`` and train to the budget: a fresh run, or with ``resume`` the run in ``out_dir``
+    continued, or with ``overwrite`` that run started over (an existing run is refused without one of them)."""
+    return Trainer(config, out_dir, device=device, progress=progress).fit(resume, overwrite)

@@ -10,7 +10,6 @@ stored in the saved ``VAEConfig`` [Rombach et al. 2022, App. G]; held-out PSNR g
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,7 +17,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from .checkpoint import atomic_save_json
 from .data import ImageDataset, load_dataset
 from .images import save_strip
 from .loop import LoopConfig, TrainLoop, with_fields
@@ -151,15 +152,16 @@ class VAETrainer(TrainLoop):
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """Reconstruct with the EMA weights through the posterior mean."""
+    def reconstruct(self, images: torch.Tensor, desc: str | None = None) -> torch.Tensor:
+        """Reconstruct with the EMA weights through the posterior mean (a progress bar when ``desc`` is given)."""
         vae = self.ema.model
-        return torch.cat([vae.decode(vae.encode(part.to(self.device)).mode()).cpu() for part in images.split(256)])
+        parts = tqdm(images.split(256), desc=desc, disable=desc is None or not self.progress, leave=False)
+        return torch.cat([vae.decode(vae.encode(part.to(self.device)).mode()).cpu() for part in parts])
 
     @torch.no_grad()
     def held_out_psnr(self) -> float:
         x, _ = self.held_out.batch(torch.arange(len(self.held_out)))
-        return psnr(self.reconstruct(x), x).mean().item()
+        return psnr(self.reconstruct(x, "held-out PSNR"), x).mean().item()
 
     @torch.no_grad()
     def latent_std(self, n: int = 2000) -> float:
@@ -167,26 +169,29 @@ class VAETrainer(TrainLoop):
         vae = self.ema.model
         x, _ = self.data.batch(torch.arange(min(n, len(self.data))))
         g = torch.Generator().manual_seed(0)
-        z = torch.cat([vae.encode(part.to(self.device)).sample(g).cpu() for part in x.split(256)])
+        parts = tqdm(x.split(256), desc="latent scale", disable=not self.progress, leave=False)
+        z = torch.cat([vae.encode(part.to(self.device)).sample(g).cpu() for part in parts])
         return z.float().std().item()
 
-    def save_samples(self, path: Path) -> None:
+    def save_samples(self, path: Path, progress: bool = False) -> None:
         x, _ = self.held_out.batch(torch.arange(min(self.config.sample_n, len(self.held_out))))
-        save_strip([x, self.reconstruct(x)], path, scale=3)  # top: held-out images, bottom: reconstructions
+        recon = self.reconstruct(x, "reconstructions" if progress else None)
+        save_strip([x, recon], path, scale=3)  # top: held-out images, bottom: reconstructions
 
-    def train(self) -> Path:
-        out = super().train()
+    def train(self, overwrite: bool = False) -> Path:
+        out = super().train(overwrite)
         if self.rank == 0:
             scale = 1.0 / self.latent_std()
             self.config = self.config.with_(vae=self.config.vae.with_(scaling_factor=scale))
             self.save()
             metrics = {"step": self.step, "held_out_psnr_db": self.held_out_psnr(), "scaling_factor": scale,
                        "held_out_images": len(self.held_out)}
-            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            atomic_save_json(metrics, self.out_dir / "metrics.json")
         return out
 
 
-def train_vae(config: VAETrainConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
-              progress: bool = True) -> VAETrainer:
-    """Build a ``VAETrainer``, optionally resume it from ``out_dir``, and train to the budget."""
-    return VAETrainer(config, out_dir, device=device, progress=progress).fit(resume)
+def train_vae(config: VAETrainConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+              device: str | None = None, progress: bool = True) -> VAETrainer:
+    """Build a ``VAETrainer`` and train to the budget: a fresh run, or with ``resume`` the run in ``out_dir``
+    continued, or with ``overwrite`` that run started over (an existing run is refused without one of them)."""
+    return VAETrainer(config, out_dir, device=device, progress=progress).fit(resume, overwrite)

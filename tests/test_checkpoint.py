@@ -1,3 +1,4 @@
+import errno
 import importlib.util
 import os
 import pickle
@@ -60,14 +61,30 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
     torch.save({"payload": Boom()}, path)  # torch's zip container with a code-running pickle inside
-    with pytest.raises(CheckpointError):
-        safe_load(path)
-    assert not (tmp_path / "PWNED").exists()
     raw = tmp_path / "evil.pkl"
     raw.write_bytes(pickle.dumps(Boom()))
-    with pytest.raises(CheckpointError):
-        safe_load(raw)
+    for file in (path, raw):
+        with pytest.raises(CheckpointError, match=rf"refusing to load .*{file.name}: its pickle calls builtins.exec") as e:
+            safe_load(file)
+        assert "weights_only=False" not in str(e.value).replace("do not load it with weights_only=False", "")
+        assert "Please" not in str(e.value)  # torch's advice to retry with the safety off is not passed on
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_disk_full_is_named_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    atomic_save({"step": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"^disk full: cannot write .*ck.pt .*MiB free\); ck.pt is unchanged$"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert safe_load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
 def test_load_weights_reports_keys_and_shapes_by_name():
