@@ -35,6 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())  # mkstemp's file is 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -50,6 +51,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
             raise CheckpointError(f"cannot write {path}: {e}{kept}") from e
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once): the permissions a plain ``open`` would give."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _disk_full(error: BaseException | None) -> bool:

@@ -1,5 +1,8 @@
 """Sample quality of generated MNIST digits, judged by a small classifier trained on real MNIST.
 
+The classifier's weights ship with the package (`CLASSIFIER_FILE`, made by scripts/train_classifier.py), so
+every install scores samples with the same classifier and `ldm evaluate` never trains one first.
+
     from ldm.metrics import evaluate_digits
     report = evaluate_digits(samples, labels)   # samples in [-1, 1], (N, 1, 28, 28)
     print(report.summary())
@@ -24,16 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save_safetensors, load_weights
+from .checkpoint import CheckpointError, load_weight_file, load_weights
 from .data import load_dataset
-from .data.download import cache_root
 
 NUM_CLASSES = 10
-CLASSIFIER_VERSION = 1  # in the cache file name: bump it when the architecture or recipe changes
+CLASSIFIER_VERSION = 1  # in the shipped file's name: bump it when the architecture or recipe changes
+CLASSIFIER_FILE = Path(__file__).parent / "assets" / "metrics" / f"digit_classifier_v{CLASSIFIER_VERSION}.safetensors"
 _SPLIT_SEED = 1234  # fixed, so every classifier (whatever its training seed) holds out the same digits
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -141,20 +143,15 @@ def train_classifier(
     return model, (predicted == y_held).double().mean().item()
 
 
-def load_classifier(cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> DigitClassifier:
-    """The digit classifier cached in `cache_dir`, else `$LDM_CACHE/metrics`, else `~/.cache/ldm/metrics`;
-    trained with defaults and cached on first use. Eval mode, CPU."""
-    # cache_root() is <$LDM_CACHE or ~/.cache/ldm>/datasets; the classifier lives beside the datasets.
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root().parent / "metrics"
-    path = folder / f"digit_classifier_v{CLASSIFIER_VERSION}.safetensors"
-    if path.is_file():
-        load_weights(model := DigitClassifier(), load_file(path), source=str(path))
-        return model.eval()
-
-    model, accuracy = train_classifier(progress=progress)
-    atomic_save_safetensors(model.state_dict(), path)  # a crash (or a second process) never leaves half a file
-    print(f"trained digit classifier: held-out accuracy {accuracy:.2%}; saved to {path}")
-    return model
+def load_classifier() -> DigitClassifier:
+    """The trained digit classifier shipped in `CLASSIFIER_FILE`, in eval mode on the CPU.
+    Its header's metadata records how it was made (held-out accuracy, steps, seed, torch version)."""
+    try:
+        load_weights(model := DigitClassifier(), load_weight_file(CLASSIFIER_FILE)[0], source=str(CLASSIFIER_FILE))
+    except CheckpointError as e:
+        raise CheckpointError(f"the shipped digit classifier {CLASSIFIER_FILE} is missing or corrupt: reinstall "
+                              f"ldm, or recreate it with `python scripts/train_classifier.py`\n{e}") from e
+    return model.eval()
 
 
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:

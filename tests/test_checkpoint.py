@@ -22,6 +22,19 @@ def test_atomic_save_round_trip_and_no_temp_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
+def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
+    path = tmp_path / "ck.pt"
+    mask = os.umask(0o027)
+    try:
+        atomic_save({"step": 1}, path)
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o640  # not mkstemp's private 0600
+    path.chmod(0o604)
+    atomic_save({"step": 2}, path)
+    assert path.stat().st_mode & 0o777 == 0o604  # a rewritten file keeps its mode
+
+
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     atomic_save({"step": 1}, path)

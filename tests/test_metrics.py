@@ -1,18 +1,27 @@
-"""Tests for ldm.metrics: the Fréchet distance's closed forms, the digit classifier, its cache,
-and that the report separates real digits from noise."""
+"""Tests for ldm.metrics: the Fréchet distance's closed forms, the digit classifier, the trained one shipped in
+the package (what it scores, how it was made, that loading it never trains or writes), and that the report
+separates real digits from noise."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from ldm import metrics
+from ldm.checkpoint import CheckpointError, load_weight_file
 from ldm.data import load_dataset
 from ldm.metrics import (
+    CLASSIFIER_FILE,
     CLASSIFIER_VERSION,
     DigitClassifier,
     DigitReport,
@@ -26,6 +35,7 @@ from ldm.metrics import (
     train_classifier,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 SHORT_STEPS = 300  # ~96 % held-out accuracy in a few seconds; the default 1500 steps reach ~99 %
 
 
@@ -39,6 +49,17 @@ def trained() -> tuple[DigitClassifier, float]:
         return train_classifier(steps=SHORT_STEPS, progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> DigitClassifier:
+    return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def shipped_metadata() -> dict[str, str]:
+    """The safetensors header metadata of the shipped classifier: how scripts/train_classifier.py made it."""
+    return load_weight_file(CLASSIFIER_FILE)[1]
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +167,8 @@ def test_short_training_beats_chance_by_far(trained):
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def test_real_digits_score_well_and_noise_badly(trained, held_out):
-    model, _ = trained
+def test_real_digits_score_well_and_noise_badly(shipped, held_out):
+    model = shipped
     x, y = held_out
     g = torch.Generator().manual_seed(0)
     real = evaluate_digits(x, y, classifier=model)
@@ -166,18 +187,18 @@ def test_real_digits_score_well_and_noise_badly(trained, held_out):
     assert max(black.class_counts) == 1000 and black.class_entropy == pytest.approx(0.0)
 
 
-def test_shuffled_labels_score_chance(trained, held_out):
+def test_shuffled_labels_score_chance(shipped, held_out):
     x, y = held_out
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
-    report = evaluate_digits(x, shuffled, classifier=trained[0])
+    report = evaluate_digits(x, shuffled, classifier=shipped)
     assert 0.05 < report.label_accuracy < 0.15
 
 
-def test_class_entropy_and_counts_follow_the_predictions(trained, held_out):
+def test_class_entropy_and_counts_follow_the_predictions(shipped, held_out):
     # Only ones and sevens: two classes, each about half → entropy ≈ log 2 / log 10.
     x, y = held_out
     x = x[(y == 1) | (y == 7)]
-    report = evaluate_digits(x, classifier=trained[0])
+    report = evaluate_digits(x, classifier=shipped)
     counts = np.array(report.class_counts)
     assert counts.sum() == report.n == len(x)
     assert counts[[1, 7]].sum() > 0.95 * len(x)
@@ -213,34 +234,85 @@ def test_evaluate_digits_rejects_bad_labels():
         evaluate_digits(torch.zeros(4, 1, 28, 28), torch.tensor([0, 1, 2, 10]), classifier=DigitClassifier())
 
 
-# --- cache ------------------------------------------------------------------------------------
+# --- the shipped classifier -------------------------------------------------------------------
 
 
-def test_load_classifier_trains_once_then_reads_the_cache(trained, tmp_path, monkeypatch, capsys):
-    calls = []
-
-    def fake_train(**kwargs):
-        calls.append(kwargs)
-        return trained
-
-    monkeypatch.setattr(metrics, "train_classifier", fake_train)
-    first = load_classifier(tmp_path, progress=False)
-    assert len(calls) == 1 and "held-out accuracy" in capsys.readouterr().out
-    cached = tmp_path / f"digit_classifier_v{CLASSIFIER_VERSION}.safetensors"
-    assert [p.name for p in tmp_path.iterdir()] == [cached.name]  # no temporary file left behind
-
-    second = load_classifier(tmp_path, progress=False)
-    assert len(calls) == 1
-    assert not second.training
-    for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
-        assert torch.equal(a, b), k
+def script_recipe() -> dict[str, int]:
+    spec = importlib.util.spec_from_file_location("train_classifier", ROOT / "scripts" / "train_classifier.py")
+    spec.loader.exec_module(script := importlib.util.module_from_spec(spec))
+    return script.RECIPE
 
 
-def test_load_classifier_uses_ldm_cache(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(metrics, "train_classifier", lambda **kwargs: trained)
-    monkeypatch.setenv("LDM_CACHE", str(tmp_path))
-    load_classifier(progress=False)
-    assert (tmp_path / "metrics" / f"digit_classifier_v{CLASSIFIER_VERSION}.safetensors").is_file()
+def test_shipped_classifier_is_the_trained_one(shipped, shipped_metadata, held_out):
+    # Scored now, on the digits it never trained on: as accurate as its header says (up to two of the
+    # 1000 digits read differently by another CPU's arithmetic), so the file really is the trained classifier.
+    recorded = float(shipped_metadata["heldout_accuracy"])
+    assert evaluate_digits(*held_out, classifier=shipped).label_accuracy >= recorded - 0.002
+    assert recorded > 0.98
+    recipe = script_recipe()
+    assert {k: int(shipped_metadata[k]) for k in recipe} == recipe
+    assert int(shipped_metadata["classifier_version"]) == CLASSIFIER_VERSION
+    assert not shipped.training
+    assert CLASSIFIER_FILE.stat().st_size < 1_000_000
+
+
+@pytest.mark.slow
+def test_retraining_with_the_recorded_recipe_reaches_the_shipped_accuracy(shipped_metadata):
+    recipe = {k: int(shipped_metadata[k]) for k in script_recipe()}
+    _, accuracy = train_classifier(**recipe, progress=False)
+    assert accuracy == pytest.approx(float(shipped_metadata["heldout_accuracy"]), abs=0.005)
+
+
+def test_load_classifier_neither_trains_nor_writes(tmp_path, monkeypatch, held_out):
+    for name in ("HOME", "LDM_CACHE"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+
+    def no_training(**kwargs):
+        raise AssertionError("load_classifier trained a classifier")
+
+    monkeypatch.setattr(metrics, "train_classifier", no_training)
+    report = evaluate_digits(held_out[0][:100])  # the default classifier: load_classifier()
+    assert report.n == 100
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["HOME", "LDM_CACHE"]
+
+
+def corrupt_truncated(path: Path) -> None:
+    path.write_bytes(CLASSIFIER_FILE.read_bytes()[:5000])
+
+
+def corrupt_other_model(path: Path) -> None:
+    path.write_bytes(safetensors.torch.save({"weight": torch.zeros(3)}))
+
+
+@pytest.mark.parametrize("corrupt", [None, corrupt_truncated, corrupt_other_model], ids=["missing", "truncated", "other"])
+def test_a_missing_or_corrupt_shipped_file_says_what_to_do(tmp_path, monkeypatch, corrupt):
+    path = tmp_path / CLASSIFIER_FILE.name
+    if corrupt:
+        corrupt(path)
+    monkeypatch.setattr(metrics, "CLASSIFIER_FILE", path)
+    with pytest.raises(CheckpointError, match="reinstall ldm, or recreate it with `python scripts/train_classifier.py`") as e:
+        load_classifier()
+    assert str(path) in str(e.value)
+
+
+def test_cli_evaluate_scores_an_npy_with_the_shipped_classifier(tmp_path, held_out):
+    # A fresh user: empty home and cache. The report comes from the shipped weights, identical run to run.
+    np.save(tmp_path / "digits.npy", ((held_out[0][:100] + 1) / 2).numpy())
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("HOME", "LDM_CACHE"):
+        (tmp_path / name).mkdir()
+        env[name] = str(tmp_path / name)
+    command = [sys.executable, "-m", "ldm.cli", "evaluate", str(tmp_path / "digits.npy"), "--n", "100"]
+    outputs = []
+    for _ in range(2):
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        outputs.append(done.stdout)
+    assert "of 100" in outputs[0] and "Fréchet distance" in outputs[0] and "class entropy" in outputs[0]
+    assert "training" not in outputs[0] + done.stderr
+    assert outputs[0] == outputs[1]
+    assert not any((tmp_path / "HOME").iterdir()) and not any((tmp_path / "LDM_CACHE").iterdir())
 
 
 # --- .npy samples -----------------------------------------------------------------------------
