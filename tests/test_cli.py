@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldm.cli import main
+from ldm.loading import load_pipeline
+from ldm.unet import UNet
 
 TINY = ["--unet.channels", "16", "--channel-mult", "1,2", "--attention", "false,true", "--num-res-blocks", "1",
         "--norm-groups", "8", "--head-dim", "16", "--batch-size", "16", "--sample-n", "4", "--sample-steps", "2",
@@ -33,13 +36,67 @@ def test_sample_is_reproducible_and_writes_npy(run_dir, tmp_path):
     assert not np.array_equal(np.load(a), x)
 
 
-def test_sample_trajectory_class_and_guidance(run_dir, tmp_path):
-    out = tmp_path / "t.v1.png"  # a dot in the stem: the trajectory files keep it
-    main(["sample", str(run_dir), "--steps", "5", "--n", "4", "--class", "7", "--guidance", "3", "--trajectory",
-          "--sampler", "ddpm", "--out", str(out)])
-    assert Image.open(out).size[0] > 0
-    assert Image.open(tmp_path / "t.v1_trajectory.gif").n_frames == 5
-    assert Image.open(tmp_path / "t.v1_trajectory.png").size[1] > 2 * 28
+def test_sample_trajectory_class_and_guidance(run_dir, tmp_path, monkeypatch):
+    """--trajectory writes OUT_trajectory.png (x_t over x̂_0 of the first sample at ≤ 10 evenly spaced steps) and
+    OUT_trajectory.gif (one frame per kept step); --class conditions every sample on that label; --guidance is
+    classifier-free guidance at that scale. Each changes the samples; the same options and seed repeat them."""
+    # The few-step fixture's UNet barely reads its label (zero-initialised output layers, EMA ≈ init: class 3 vs 5
+    # differ by ~1e-6). A spy records the labels each UNet call gets and adds a label-dependent term, so that a
+    # label or a guidance scale that goes astray shows in the images.
+    labels_seen = []
+    forward = UNet.forward
+
+    def spy(self, x, t, cond=None, *args, **kwargs):
+        labels_seen.append(cond.tolist())
+        return forward(self, x, t, cond, *args, **kwargs) + 0.02 * cond.to(x.dtype)[:, None, None, None]
+
+    monkeypatch.setattr(UNet, "forward", spy)
+
+    def run(name, steps, label, guidance, *extra):
+        labels_seen.clear()
+        npy = tmp_path / f"{name}.npy"
+        main(["sample", str(run_dir), "--steps", str(steps), "--n", "4", "--class", str(label), "--guidance",
+              str(guidance), "--sampler", "ddpm", "--seed", "1", "--out", str(tmp_path / f"{name}.png"), "--npy", str(npy),
+              *extra])
+        return np.load(npy)
+
+    x = run("t.v1", 11, 3, 3, "--trajectory")  # a dot in the stem: the trajectory files keep it
+    # each step: one UNet call on 4 samples conditioned on class 3 and the same 4 with the null label 10
+    assert [sorted(labels) for labels in labels_seen] == [[3] * 4 + [10] * 4] * 11
+    # the same run through the pipeline: its final samples are the CLI's, its records what the trajectory shows
+    pipe = load_pipeline(str(run_dir), device="cpu")
+    with torch.inference_mode():
+        records = list(pipe.loop(4, class_label=3, guidance_scale=3.0, sampler="ddpm", num_inference_steps=11, seed=1))
+    assert np.array_equal((records[-1].x_prev.clamp(-1, 1).numpy() + 1) / 2, x)
+    kept = [records[i] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)]  # 10 of 11 steps, evenly spaced, first and last
+    tile, pad, scale = 28, 2, 3  # digits are enlarged ×3 in trajectories; grids pad 2 pixels
+    u8 = lambda v: ((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].numpy()  # (1, H, W) in [−1, 1] → (H, W)
+
+    def grid(rows, width):  # rows of (28, width) uint8 tiles on black, 2-pixel gaps, enlarged ×3 (nearest)
+        out = np.zeros((pad + len(rows) * (tile + pad), pad + len(rows[0]) * (width + pad)), np.uint8)
+        for r, row in enumerate(rows):
+            for c, image in enumerate(row):
+                y, x_ = pad + r * (tile + pad), pad + c * (width + pad)
+                out[y:y + tile, x_:x_ + width] = image
+        return out.repeat(scale, 0).repeat(scale, 1)
+
+    # the strip: the first sample, x_t on top and x̂_0 below, one column per kept step (906 × 186)
+    strip = np.asarray(Image.open(tmp_path / "t.v1_trajectory.png"))
+    assert strip.shape == (scale * (pad + 2 * (tile + pad)), scale * (pad + 10 * (tile + pad)))
+    assert np.array_equal(strip, grid([[u8(r.x_t[0]) for r in kept], [u8(r.x0_pred[0]) for r in kept]], tile))
+    # the GIF: a frame per kept step, the 4 samples in a 2×2 grid, each x_t | x̂_0 side by side (354 × 186)
+    gif = Image.open(tmp_path / "t.v1_trajectory.gif")
+    assert gif.n_frames == 10 and gif.size == (scale * (pad + 2 * (2 * tile + pad)), scale * (pad + 2 * (tile + pad)))
+    for k in (0, 4, 9):
+        gif.seek(k)
+        pairs = [np.hstack([u8(kept[k].x_t[i]), u8(kept[k].x0_pred[i])]) for i in range(4)]
+        assert np.array_equal(np.asarray(gif.convert("L")), grid([pairs[:2], pairs[2:]], 2 * tile)), k
+    assert Image.open(tmp_path / "t.v1.png").size == (2 * (pad + 2 * (tile + pad)),) * 2  # 2×2 grid, --scale 2
+
+    c3 = run("c3", 2, 3, 3)
+    assert np.array_equal(run("c3_again", 2, 3, 3), c3)  # same class, guidance and seed: the same samples
+    assert np.abs(run("c5", 2, 5, 3) - c3).max() > 0.05 and [sorted(c) for c in labels_seen] == [[5] * 4 + [10] * 4] * 2
+    assert np.abs(run("g1", 2, 3, 1) - c3).max() > 0.05 and labels_seen == [[3] * 4] * 2  # scale 1: no guidance
 
 
 def test_errors_are_clear(run_dir, tmp_path, capsys):
@@ -54,10 +111,14 @@ def test_errors_are_clear(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", str(bad), "--out", str(tmp_path / "x.png")])
     assert "cannot read checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["train", "--out", str(tmp_path / "r"), "--steps", "1", "--schedule.kind", "quadratic"])
-    with pytest.raises(SystemExit):
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "--schedule.kind" in err and "'quadratic'" in err and "linear, cosine" in err
+    with pytest.raises(SystemExit) as exit_:
         main(["train", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "give a budget" in err and "--steps" in err and "--max-minutes" in err
 
 
 def test_evaluate_scores_a_run_and_an_npy(run_dir, tmp_path, monkeypatch, capsys):

@@ -48,15 +48,61 @@ def test_posterior_is_bayes_rule_numerically():
         assert var.item() == pytest.approx(s.posterior_variance[t].item(), rel=1e-5)
 
 
-def test_posterior_with_skipped_steps_matches_composition():
-    """The skip-step coefficients (used by respaced DDPM) equal the one-step ones when s = t − 1."""
-    s = NoiseSchedule()
-    t = torch.tensor([400])
-    x = torch.zeros(1, 1, 1, 1)
-    c0, ct, var = posterior_coefficients(gather(s.alpha_bar, t, x), gather(s.alpha_bar_prev, t, x))
-    beta, ab, abp = s.betas[400], s.alpha_bar[400], s.alpha_bar_prev[400]
-    assert c0.item() == pytest.approx((abp.sqrt() * beta / (1 - ab)).item(), rel=1e-5)
-    assert ct.item() == pytest.approx((s.alphas[400].sqrt() * (1 - abp) / (1 - ab)).item(), rel=1e-5)
+SKIPS = [(1, 0), (400, 399), (400, 0), (999, 0), (999, 998), (999, 500), (50, 10), (700, 100), (250, 249)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_posterior_with_skipped_steps_matches_composition(kind):
+    """q(x_s | x_t, x_0) for any s < t (respaced DDPM) is Gaussian conditioning of the composed forward process.
+
+    Given x_0: x_s = √ᾱ_s x_0 + √(1 − ᾱ_s) ε₁ and x_t = √α_{t|s} x_s + √β_{t|s} ε₂ (α_{t|s} = ᾱ_t/ᾱ_s, the t − s
+    single steps from s to t composed). So (x_s, x_t) are jointly Gaussian with Var x_s = 1 − ᾱ_s,
+    Cov(x_s, x_t) = √α_{t|s} (1 − ᾱ_s), Var x_t = 1 − ᾱ_t, and by the conditioning formula
+        coef_xt = Cov / Var x_t,   coef_x0 = √ᾱ_s − coef_xt · √ᾱ_t,   var = Var x_s − Cov² / Var x_t.
+    (Written differently from ``posterior_coefficients`` on purpose: an independent derivation.)
+    """
+    sched = NoiseSchedule(ScheduleConfig(kind=kind))
+    ab = sched.alpha_bar_f64
+    t, s = (torch.tensor(v) for v in zip(*SKIPS))
+    ab_t, ab_s = ab[t], ab[s]
+    cov = (ab_t / ab_s).sqrt() * (1 - ab_s)
+    want_xt = cov / (1 - ab_t)
+    want_x0 = ab_s.sqrt() - want_xt * ab_t.sqrt()
+    want_var = (1 - ab_s) - cov**2 / (1 - ab_t)
+    c0, ct, var = posterior_coefficients(ab_t, ab_s)
+    assert torch.allclose(c0, want_x0, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(ct, want_xt, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(var, want_var, rtol=1e-7, atol=1e-12)
+    # s = t − 1 is the one-step posterior: the schedule's β̃_t and Ho et al.'s Eq. 7 coefficients
+    one = torch.tensor([s_ == t_ - 1 for t_, s_ in SKIPS])
+    b = sched.betas.double()[t[one]]
+    assert torch.allclose(var[one], sched.posterior_variance.double()[t[one]], rtol=1e-5)
+    assert torch.allclose(c0[one], ab_s[one].sqrt() * b / (1 - ab_t[one]), rtol=1e-5)
+    assert torch.allclose(ct[one], (1 - b).sqrt() * (1 - ab_s[one]) / (1 - ab_t[one]), rtol=1e-5)
+    # a proper distribution, narrower than the prior q(x_s | x_0) it conditions (knowing x_t helps)
+    assert (var > 0).all() and (var < 1 - ab_s).all()
+
+
+def test_posterior_with_skipped_steps_monte_carlo():
+    """Run the forward process for real — x_s from q(x_s | x_0), then t − s single noising steps — and regress x_s
+    on x_t: the slope, intercept and residual variance are the skip-step posterior's coef_xt, coef_x0 · x_0, var."""
+    sched = NoiseSchedule(ScheduleConfig(num_train_timesteps=200, beta_end=0.05))  # ᾱ_{T−1} ≈ 0.007 in 200 steps
+    g = torch.Generator().manual_seed(0)
+    n, x0 = 100_000, 0.7
+    for t, s in ((20, 0), (90, 60), (199, 150)):
+        noise = lambda: torch.randn(n, generator=g, dtype=torch.float64)
+        x_s = sched.alpha_bar_f64[s].sqrt() * x0 + (1 - sched.alpha_bar_f64[s]).sqrt() * noise()
+        x_t = x_s
+        for k in range(s + 1, t + 1):  # q(x_k | x_{k−1}) = N(√α_k x_{k−1}, β_k)
+            x_t = sched.alphas[k].double().sqrt() * x_t + sched.betas[k].double().sqrt() * noise()
+        c0, ct, var = posterior_coefficients(sched.alpha_bar_f64[t], sched.alpha_bar_f64[s])
+        slope = ((x_s - x_s.mean()) * (x_t - x_t.mean())).mean() / x_t.var(correction=0)
+        intercept = x_s.mean() - slope * x_t.mean()
+        resid = (x_s - intercept - slope * x_t).var()
+        se = (var / (n * x_t.var())).sqrt().item()  # the slope's standard error; the intercept's is ≈ se · |E x_t|
+        assert slope.item() == pytest.approx(ct.item(), abs=5 * se), (t, s)
+        assert intercept.item() == pytest.approx((c0 * x0).item(), abs=5 * se * (1 + abs(x_t.mean().item()))), (t, s)
+        assert resid.item() == pytest.approx(var.item(), rel=5 * (2 / n) ** 0.5), (t, s)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])

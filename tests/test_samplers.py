@@ -4,6 +4,7 @@ import torch
 from ldm.diffusion import q_sample
 from ldm.samplers import (SAMPLERS, classifier_free_guidance, ddim, ddpm, dpm_solver_timesteps, dpmpp_2m, euler, euler_ancestral,
                           euler_timesteps, get_sampler, sample, sampler_timesteps)
+from ldm.samplers.euler import sigmas_at
 from ldm.schedule import NoiseSchedule, ScheduleConfig, gather
 
 
@@ -243,13 +244,42 @@ def test_img2img_from_model_space_matches_diffusers(name):
 @quiet_numpy
 def test_diffusers_euler_init_noise_sigma_quirk():
     """diffusers scales x_T by σ_max, not √(1 + σ_max²), under "trailing"/"linspace" (and by the latter under
-    "leading"); x_T ~ N(0, I) in model space means x_σ = x_T · √(1 + σ²), which is what ldm's Euler uses."""
+    "leading"); x_T ~ N(0, I) in model space means x_σ = x_T · √(1 + σ²), which is what ldm's Euler uses.
+
+    So: ldm's σ_max is diffusers' σ_max; ldm's first step starts from x_σ = x_T · √(1 + σ_max²) under every spacing
+    (seen through a model predicting x̂_0 = 0, where one Euler step is x_σ' = x_σ · σ'/σ); and ldm's run matches
+    diffusers' when diffusers is started from x_T · √(1 + σ_max²), not from x_T · ``init_noise_sigma``.
+    """
     diffusers = pytest.importorskip("diffusers")
+    s, x_T, steps = sd_schedule(), x_T_sd(), 10
+    zero_x0 = lambda x, t, cond: torch.zeros_like(x)
+
+    def diffusers_from(sched, scale):
+        sched.set_timesteps(steps)
+        latents = x_T * scale
+        for t in sched.timesteps:
+            latents = sched.step(linear_model(sched.scale_model_input(latents, t), t), t, latents).prev_sample
+        return latents
+
     for spacing, extra in (("leading", 1.0), ("trailing", 0.0), ("linspace", 0.0)):
         sched = diffusers.EulerDiscreteScheduler(**SD15, timestep_spacing=spacing)
-        sched.set_timesteps(10)
+        sched.set_timesteps(steps)
         sigma_max = sched.sigmas.max()
-        assert torch.isclose(sched.init_noise_sigma, (sigma_max**2 + extra) ** 0.5)
+        assert torch.isclose(sched.init_noise_sigma, (sigma_max**2 + extra) ** 0.5)  # diffusers' quirk
+
+        sigmas = sigmas_at(s, euler_timesteps(s, steps, spacing, 1))
+        assert sigmas[0].item() == pytest.approx(sigma_max.item(), rel=1e-5)
+        sig0, sig1 = sigmas[0].item(), sigmas[1].item()
+        first = next(euler(zero_x0, s, x_T, num_inference_steps=steps, spacing=spacing, steps_offset=1, prediction="x0"))
+        # x_σ = x_T · √(1 + σ_0²) → x_σ' = x_σ · σ_1/σ_0 → back to model space: x_σ' / √(1 + σ_1²)
+        expected = x_T * ((1 + sig0**2) ** 0.5 * sig1 / (sig0 * (1 + sig1**2) ** 0.5))
+        assert torch.allclose(first.x_prev, expected, rtol=1e-5, atol=0), spacing
+
+        ours = sample(linear_model, s, x_T.shape, x_T=x_T, sampler="euler", num_inference_steps=steps, spacing=spacing,
+                      steps_offset=1, progress=False)
+        assert rel_err(ours, diffusers_from(sched, (sigma_max**2 + 1) ** 0.5)) < 1e-5, spacing
+        if extra == 0.0:  # starting from init_noise_sigma = σ_max instead is a different (too quiet) run
+            assert rel_err(ours, diffusers_from(sched, sched.init_noise_sigma)) > 1e-4, spacing
 
 
 def test_euler_is_ddim_in_sigma_space():

@@ -40,10 +40,39 @@ def test_cosine_matches_closed_form_alpha_bar():
     assert s.betas.max().item() == pytest.approx(0.999)  # the clip at the last step
 
 
-def test_sigmoid_is_symmetric_around_midpoint():
-    b = make_betas(ScheduleConfig(kind="sigmoid", beta_start=1e-4, beta_end=0.02))
-    mid = (1e-4 + 0.02) / 2
-    assert torch.allclose(b + b.flip(0), torch.full_like(b, 2 * mid), atol=1e-10)
+@pytest.mark.parametrize("T,beta_start,beta_end", [(1000, 1e-4, 0.02), (10, 1e-7, 2e-3), (200, 0.001, 0.2)])
+def test_sigmoid_is_symmetric_around_midpoint(T, beta_start, beta_end):
+    """GeoDiff's sigmoid schedule [Xu et al. 2022]: β_t = β_start + (β_end − β_start)·σ(x_t), x_t = −6 + 12 t/(T − 1).
+
+    Symmetric about the midpoint (σ(x) + σ(−x) = 1), strictly increasing, on exactly that range: it starts a hair above
+    β_start and ends a hair below β_end (σ(±6) = 0.5 ± 0.4975), not at the endpoints themselves as "linear" does.
+    """
+    config = ScheduleConfig(kind="sigmoid", num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end)
+    b = make_betas(config)
+    assert b.shape == (T,) and b.dtype == torch.float64
+    mid = (beta_start + beta_end) / 2
+    assert torch.allclose(b + b.flip(0), torch.full_like(b, 2 * mid), rtol=0, atol=1e-15)
+    assert (b[1:] > b[:-1]).all()
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    closed = lambda t: beta_start + (beta_end - beta_start) * sig(-6 + 12 * t / (T - 1))
+    assert b[0].item() == pytest.approx(closed(0), rel=1e-12) and b[-1].item() == pytest.approx(closed(T - 1), rel=1e-12)
+    assert b[0].item() == pytest.approx(beta_start + (beta_end - beta_start) * 0.0024726231566347743, rel=1e-12)
+    assert b[-1].item() == pytest.approx(beta_end - (beta_end - beta_start) * 0.0024726231566347743, rel=1e-12)
+    for t in (1, T // 3, T // 2, T - 2):
+        assert b[t].item() == pytest.approx(closed(t), rel=1e-12), t
+    # ᾱ is the running product of those β (float64 in, float32 stored)
+    s = NoiseSchedule(config)
+    assert s.alpha_bar[-1].item() == pytest.approx(math.prod(1 - closed(t) for t in range(T)), rel=1e-6)
+    assert s.alpha_bar[0].item() == pytest.approx(1 - closed(0), rel=1e-7)
+
+
+@pytest.mark.reference
+def test_sigmoid_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="sigmoid")
+    ours = NoiseSchedule(ScheduleConfig(kind="sigmoid", beta_start=1e-4, beta_end=0.02))
+    assert torch.allclose(ours.betas, ref.betas, rtol=1e-6, atol=0)
+    assert torch.allclose(ours.alpha_bar, ref.alphas_cumprod, rtol=1e-4, atol=0)  # diffusers: float32 cumprod
 
 
 def test_zero_terminal_snr_rescaling():
