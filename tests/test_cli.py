@@ -121,11 +121,41 @@ def test_errors_are_clear(run_dir, tmp_path, capsys):
     assert exit_.value.code == 1 and "give a budget" in err and "--steps" in err and "--max-minutes" in err
 
 
-def test_evaluate_scores_a_run_and_an_npy(run_dir, tmp_path, monkeypatch, capsys):
-    import ldm.metrics
+@pytest.mark.parametrize("command", ["sample", "evaluate", "txt2img"])
+@pytest.mark.parametrize("option", [["--n", "0"], ["--guidance", "-1"], ["--steps", "0"], ["--n", "two"]])
+def test_nonsense_numbers_are_refused_by_name(command, option, run_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(run_dir), *(["--prompt", "a"] if command == "txt2img" else []), *option])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and f"argument {option[0]}" in err
+    assert ("expected a number" if option[1] == "two" else "must be ≥") in err
 
-    classifier, _ = ldm.metrics.train_classifier(steps=30, progress=False)
-    monkeypatch.setattr(ldm.metrics, "load_classifier", lambda *a, **k: classifier)
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this pickle ran code",))
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_a_malicious_checkpoint_is_refused_without_unsafe_advice(command, tmp_path, capsys):
+    evil = tmp_path / "checkpoint.pt"
+    torch.save({"config": {"unet": {}}, "payload": Payload()}, evil)
+    with pytest.raises(SystemExit):
+        main([command, str(evil), "--steps", "2"])
+    out, err = capsys.readouterr()
+    assert "this pickle ran code" not in out
+    assert f"refusing to load {evil}: its pickle calls builtins.print" in err
+    assert "will likely succeed" not in err and "trusted source" not in err  # torch's advice, not passed on
+
+
+def test_the_summary_names_only_files_written(tmp_path, capsys):
+    main(["train", "--out", str(tmp_path), "--steps", "1", *TINY, "--sample-n", "0"])
+    out = capsys.readouterr().out
+    assert f"trained to step 1; run directory {tmp_path} (checkpoint.pt, config.json)" in out
+    assert not (tmp_path / "samples.png").exists()
+
+
+def test_evaluate_scores_a_run_and_an_npy(run_dir, tmp_path, capsys):
     main(["evaluate", str(run_dir), "--n", "20", "--steps", "3"])
     out = capsys.readouterr().out
     assert "Fréchet distance" in out and "label accuracy" in out  # the run is class-conditional
