@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from ldm import load_pipeline
 from ldm.sd_checkpoint import inspect_checkpoint, save_diffusers_folder, save_single_file
 from ldm.text_encoder import TextEncoder
-from test_stable_diffusion import our_images, ref_images, tiny_components, write_vocab
+from _fixtures import assert_parity
+from test_stable_diffusion import TOL, ours_with, ref_images, tiny_components, write_vocab
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -46,7 +47,8 @@ def test_v_prediction_folder_matches_diffusers(sd2, sampler, scheduler):
     ref = diffusers.StableDiffusionPipeline(**(ref.components | {"scheduler": swapped}))
     ref.set_progress_bar_config(disable=True)
     expected = ref_images(ref, ["a red cube", "a fox"], negative_prompt=["blurry", "blurry"])
-    assert (our_images(ours, ["a red cube", "a fox"], negative_prompt="blurry", sampler=sampler) - expected).abs().max() < 2e-3
+    assert_parity(ours_with(ours, ["a red cube", "a fox"], negative_prompt="blurry", sampler=sampler), expected, TOL,
+                  prompt=["a red cube", "a cat"], guidance=1.0, negative_prompt="dark")
 
 
 def test_openclip_single_file_with_penultimate_layer_matches_the_folder(sd2, tmp_path):
@@ -66,12 +68,12 @@ def test_openclip_single_file_with_penultimate_layer_matches_the_folder(sd2, tmp
     loaded = load_pipeline(single, config=pipe.config.with_(prediction="eps"), prediction="v")
     assert loaded.notes == ["prediction: v (set by the caller)"]
     expected = ref_images(ref, "a lighthouse")
-    assert (our_images(loaded, "a lighthouse") - expected).abs().max() < 2e-3
+    assert_parity(ours_with(loaded, "a lighthouse"), expected, TOL, prompt="a windmill", guidance=1.0)
     assert inspect_checkpoint(single, config=pipe.config)["unrecognised"] == []
     # back to a folder: diffusers' layout keeps only the blocks that run
     again = save_diffusers_folder(loaded, tmp_path / "folder")
     assert load_pipeline(again).config.text.layers == 2
-    assert (our_images(load_pipeline(again), "a lighthouse") - expected).abs().max() < 2e-3
+    assert_parity(ours_with(load_pipeline(again), "a lighthouse"), expected, TOL, prompt="a windmill", guidance=1.0)
 
 
 def test_a_folder_encoder_cannot_become_an_original_single_file(sd2, tmp_path):
@@ -91,6 +93,7 @@ def test_zero_terminal_snr_trailing_and_guidance_rescale_match_diffusers(sd2, tm
     assert ours.sampling.schedule.zero_terminal_snr and ours.sampling.spacing == "trailing"
     assert ours.schedule.alpha_bar_f64[-1] == 0
     expected = ref_images(ref, "a lighthouse", guidance_rescale=0.7)
-    assert (our_images(ours, "a lighthouse", guidance_rescale=0.7) - expected).abs().max() < 2e-3
+    run = ours_with(ours, "a lighthouse", guidance_rescale=0.7)
+    assert_parity(run, expected, TOL, prompt="a windmill", guidance=1.0, guidance_rescale=0.0)
     with pytest.raises(ValueError, match=r"rescale must be in \[0, 1\]"):
-        our_images(ours, "a lighthouse", guidance_rescale=1.5)
+        run(guidance_rescale=1.5)

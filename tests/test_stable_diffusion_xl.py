@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 
 from ldm import load_pipeline
 from ldm.sd_checkpoint import detect_config, inspect_checkpoint, save_diffusers_folder, save_single_file
-from test_stable_diffusion import SIZE, our_images, ref_images, write_vocab
+from _fixtures import assert_parity
+from test_stable_diffusion import SIZE, TOL, loud_components, our_images, ours_with, ref_images, write_vocab
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -28,16 +29,17 @@ def sdxl(tmp_path_factory):
         sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2), norm_num_groups=8,
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8)
     vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                   scaling_factor=0.13025)
     text = transformers.CLIPTextModel(clip_config())
-    text_2 = transformers.CLIPTextModelWithProjection(clip_config(hidden_act="gelu", projection_dim=32))
-    for model in (unet, vae, text, text_2):
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.05)
+    # the two encoders' widths differ, as in SDXL (768, 1280): diffusers' from_single_file tells them apart by
+    # width alone, and reads the first encoder's weights into the second when they are the same
+    text_2 = transformers.CLIPTextModelWithProjection(clip_config(hidden_act="gelu", hidden_size=48, intermediate_size=96,
+                                                                  projection_dim=32))
+    unet, vae, text, text_2 = loud_components(unet, vae, text, text_2)
     tokenizer = write_vocab(folder / "vocab")
     tokenizer_2 = write_vocab(folder / "vocab")
     tokenizer_2.pad_token = "!"
@@ -62,7 +64,9 @@ def test_folder_matches_diffusers(sdxl, sampler, scheduler, negative):
     ref = diffusers.StableDiffusionXLPipeline(**(ref.components | {"scheduler": swapped}), add_watermarker=False)
     ref.set_progress_bar_config(disable=True)
     expected = ref_images(ref, "a red cube", negative_prompt=negative)
-    assert (our_images(ours, "a red cube", negative_prompt=negative, sampler=sampler) - expected).abs().max() < 2e-3
+    # None: the all-zero unconditional context (force_zeros_for_empty_prompt); "" would encode the empty prompt
+    assert_parity(ours_with(ours, "a red cube", negative_prompt=negative, sampler=sampler), expected, TOL,
+                  prompt="a blue cube", guidance=1.0, negative_prompt="" if negative is None else None)
 
 
 def test_single_file_round_trip(sdxl, tmp_path):
@@ -81,6 +85,24 @@ def test_single_file_round_trip(sdxl, tmp_path):
     assert torch.allclose(our_images(loaded, "a lighthouse", sampler="euler"), expected, atol=1e-5)
     again = load_pipeline(save_diffusers_folder(loaded, tmp_path / "folder"))
     assert torch.allclose(our_images(again, "a lighthouse", sampler="euler"), expected, atol=1e-5)
+
+
+def test_diffusers_from_single_file_reads_what_ldm_writes(sdxl, tmp_path):
+    """diffusers' StableDiffusionXLPipeline.from_single_file, offline (component configs from the reference's
+    folder), reads ldm's SDXL file — both encoders, OpenCLIP's fused q/k/v and [D, P] projection included — as the
+    reference's weights, and its images match ldm's from the same file."""
+    ref, folder = sdxl
+    pipe = load_pipeline(folder)
+    single = save_single_file(pipe, tmp_path / "sdxl.safetensors")
+    theirs = diffusers.StableDiffusionXLPipeline.from_single_file(str(single), config=str(folder), local_files_only=True,
+                                                                   add_watermarker=False)
+    theirs.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = getattr(theirs, name).state_dict(), getattr(ref, name).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    expected = ref_images(theirs, "a lighthouse")
+    assert_parity(ours_with(load_pipeline(single, config=pipe.config), "a lighthouse", sampler="euler"), expected, TOL,
+                  prompt="a windmill", guidance=1.0, negative_prompt="")
 
 
 def test_refiner_and_unknown_conditioners_are_named():

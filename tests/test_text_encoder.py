@@ -9,6 +9,7 @@ from ldm.convert import (export_state_dict, foreign_names, from_openclip, import
                          text_encoder_config_from_transformers, text_encoder_config_to_transformers,
                          text_encoder_layout, to_openclip)
 from ldm.text_encoder import CausalSelfAttention, TextEncoder, TextEncoderConfig
+from _fixtures import loud
 
 EOS = 49407
 
@@ -29,15 +30,6 @@ def prompts(pad: int = EOS) -> torch.Tensor:
     for row, end in enumerate((9, 40)):
         ids[row, end], ids[row, end + 1:] = EOS, pad
     return ids
-
-
-def loud(model: nn.Module, std: float = 0.1) -> nn.Module:
-    """Random weights everywhere (norm gains around 1), so that no path hides behind a zero or an identity."""
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        gain = "norm" in name and name.endswith("weight")
-        nn.init.normal_(p, mean=1.0 if gain else 0.0, std=0.1 if gain else std)
-    return model.eval()
 
 
 def transformers_model(with_projection=False, **changes):
