@@ -36,7 +36,7 @@ from ldm.metrics import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT_STEPS = 300  # ~96 % held-out accuracy in a few seconds; the default 1500 steps reach ~99 %
+SHORT_STEPS = 100  # ~91 % held-out accuracy in about ten seconds; the default 1500 steps reach ~99 %
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_non_digits_are_in_range_and_none_is_a_digit():
 def test_short_training_beats_chance_by_far(trained):
     model, accuracy = trained
     assert not model.training
-    assert accuracy > 0.9
+    assert accuracy > 0.85  # chance is 0.1
 
 
 # --- evaluation -------------------------------------------------------------------------------
