@@ -29,7 +29,7 @@ from .metrics import evaluate_digits, load_samples_npy
 from .pipeline import DiffusionPipeline
 from .run_dir import BACKUP, check_run_dir
 from .runs import CHECKPOINT, CONFIG
-from .samplers import SAMPLERS, run_to_end
+from .samplers import ALIASES, SAMPLER_NAMES, SAMPLERS, SIGMA_SAMPLERS, SIGMA_SCHEDULES, resolve_sampler, run_to_end
 from .sampling import default_device
 from .sd_checkpoint import inspect_checkpoint, save_diffusers_folder, save_single_file
 from .stable_diffusion import StableDiffusion
@@ -144,13 +144,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipe = load(args)
     if not isinstance(pipe, DiffusionPipeline):
         raise ValueError(f"{model_path(args)} is a Stable Diffusion checkpoint: use `ldm txt2img`")
+    args.n = len(args.seeds) if args.seeds else args.n
     class_label, num_classes = args.class_label, pipe.unet.config.num_classes
     if class_label is None and num_classes:  # a class-conditional model: one column per class
         class_label = torch.arange(args.n) % num_classes
         args.nrow = args.nrow or num_classes
-    options = dict(sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=class_label,
-                   guidance_scale=args.guidance_scale)  # the rest (spacing, clipping, DDPM variance) comes from the model
-    if args.sampler == "ddim":
+    # the rest (spacing, clipping, DDPM variance) comes from the model
+    options = dict(sampler=args.sampler, sigmas=args.sigmas, num_inference_steps=args.steps, seed=args.seed,
+                   seeds=args.seeds, class_label=class_label, guidance_scale=args.guidance_scale)
+    if resolve_sampler(args.sampler)[0] == "ddim":
         options["eta"] = args.eta
     out = Path(args.out)
     if args.trajectory:
@@ -180,8 +182,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         pipe = load(args)
         num_classes = pipe.unet.config.num_classes
         labels = torch.arange(args.n) % num_classes if num_classes else None  # every class equally often
-        samples = pipe(args.n, sampler=args.sampler, num_inference_steps=args.steps, seed=args.seed, class_label=labels,
-                       guidance_scale=args.guidance_scale, output="tensor").cpu()
+        samples = pipe(args.n, sampler=args.sampler, sigmas=args.sigmas, num_inference_steps=args.steps, seed=args.seed,
+                       class_label=labels, guidance_scale=args.guidance_scale, output="tensor").cpu()
     if samples.shape[-2:] != (28, 28):  # e.g. the latent recipe's 32×32 digits: the classifier reads 28×28
         samples = torch.nn.functional.interpolate(samples.float(), size=(28, 28), mode="bilinear", antialias=True)
     print(evaluate_digits(samples, labels).summary())
@@ -210,7 +212,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """txt2img, img2img and inpaint: the same pipeline call with an image, a strength or a mask."""
     pipe = load_sd(args)
     options = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                   sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n, guidance_rescale=args.guidance_rescale)
+                   sampler=args.sampler, sigmas=args.sigmas, seed=args.seed, seeds=args.seeds,
+                   num_images_per_prompt=len(args.seeds) if args.seeds else args.n, guidance_rescale=args.guidance_rescale)
+    options["clip_skip"] = args.clip_skip
     if args.command == "txt2img":
         options |= dict(width=args.width, height=args.height)
     else:
@@ -222,9 +226,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
             if mask.size != image.size:
                 raise ValueError(f"mask is {mask.width}×{mask.height} but the image is {image.width}×{image.height}")
     start = time.perf_counter()
-    total = pipe.steps_run(args.steps, options.get("strength", 1.0), options.get("image"))
-    with torch.inference_mode():
-        images = pipe.images(denoise(pipe, pipe.loop(args.prompt, **options), total, trajectory_path(args)), "pil")
+    if args.command == "txt2img" and args.hires_scale:
+        if args.trajectory:
+            raise ValueError("--trajectory shows one run, and --hires-scale makes two: leave one of them out")
+        images = pipe.hires(args.prompt, scale=args.hires_scale, strength=args.hires_strength, **options)
+    else:
+        total = pipe.steps_run(args.steps, options.get("strength", 1.0), options.get("image"))
+        with torch.inference_mode():
+            images = pipe.images(denoise(pipe, pipe.loop(args.prompt, **options), total, trajectory_path(args)), "pil")
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -276,13 +285,30 @@ def number(kind: type, minimum: float, inclusive: bool = True):
 
 def add_sampling(p: argparse.ArgumentParser, sampler: str, steps: int, guidance: float, n: int) -> None:
     """The options every sampling command shares, with that command's defaults."""
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=sampler)
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=sampler, metavar="SAMPLER",
+                   help=f"one of {', '.join(SAMPLERS)}, or as UIs name them: {', '.join(map(repr, ALIASES))} "
+                        f"(default {sampler})")
+    p.add_argument("--sigmas", choices=SIGMA_SCHEDULES, help="σ schedule for the σ-space samplers "
+                   f"({', '.join(SIGMA_SAMPLERS)}): Karras et al.'s ρ = 7, log-uniform or Beta(0.6, 0.6) spacing")
     p.add_argument("--steps", type=number(int, 1), default=steps, help="number of inference steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=number(float, 0), default=guidance,
                    help="classifier-free guidance scale ≥ 0 (1 = off, 0 = unconditional)")
     p.add_argument("--n", type=number(int, 1), default=n, help="number of images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def seed_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integer seeds, e.g. 3,17,42."""
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_seeds(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=seed_list, help="one seed per image, e.g. 3,17,42 (their number is the number of "
+                   "images); by default image k gets --seed + k, so it is the image that seed gives alone")
 
 
 def add_training(sub, name: str, presets, help_: str, epilog: str) -> argparse.ArgumentParser:
@@ -310,6 +336,7 @@ def add_sample_commands(sub) -> None:
                               "sampled with its scheduler's settings: x0 clipping, DDPM variance, timestep spacing.")
     add_model(s, "run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
     add_sampling(s, "ddim", 50, 1.0, 64)
+    add_seeds(s)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
     s.add_argument("--batch-size", type=number(int, 1), default=128,
                    help="samples per UNet batch (lower it to save memory: a 256×256 DDPM model needs about 0.3 GB per sample)")
@@ -334,7 +361,7 @@ def add_sample_commands(sub) -> None:
 def add_generate_commands(sub) -> None:
     for name, help_ in (("txt2img", "generate images from a prompt with a Stable Diffusion checkpoint"),
                         ("img2img", "redraw an image following a prompt"),
-                        ("inpaint", "repaint the white part of a mask (inpainting checkpoint)")):
+                        ("inpaint", "repaint the white part of a mask")):
         p = sub.add_parser(name, help=help_)
         add_model(p, "single file (.safetensors/.ckpt) or diffusers folder")
         p.add_argument("--prompt", required=True)
@@ -342,6 +369,10 @@ def add_generate_commands(sub) -> None:
         if name == "txt2img":
             p.add_argument("--width", type=int, help="default: the model's training size (512 SD 1, 768 SD 2-v, 1024 SDXL)")
             p.add_argument("--height", type=int)
+            p.add_argument("--hires-scale", type=number(float, 1), help="hires fix: generate at the size, upscale the "
+                           "images by this factor and redraw them there with img2img (e.g. 2)")
+            p.add_argument("--hires-strength", type=number(float, 0), default=0.5,
+                           help="the hires fix's img2img strength (default 0.5)")
         else:
             p.add_argument("--image", required=True, help="input image (its size is the output size; multiples of 8)")
         if name == "img2img":
@@ -349,8 +380,11 @@ def add_generate_commands(sub) -> None:
         if name == "inpaint":
             p.add_argument("--mask", required=True, help="grayscale mask, white = repaint, same size as the image")
         add_sampling(p, "dpm++2m", 25, 7.5, 1)
+        add_seeds(p)
         p.add_argument("--guidance-rescale", type=float, default=0.0,
                        help="φ in [0, 1]: temper strong guidance (0.7 suits zero-terminal-SNR v-models)")
+        p.add_argument("--clip-skip", type=int, default=1, help="read the text encoders N−1 blocks early (2: A1111's "
+                       "CLIP skip 2, SD 1's penultimate block; 1: the model's own layer)")
         p.add_argument("--out", default=f"{name}.png", help="the image (several: OUT_0.png, OUT_1.png …)")
         p.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png and .gif (x_t | predicted x0)")
         p.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default fp16 on CUDA, fp32 on CPU)")

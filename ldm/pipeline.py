@@ -17,7 +17,7 @@ from .conditioning import Conditioning
 from .diffusion import q_sample
 from .perf import enable_fast_cpu
 from .samplers import StepRecord, get_sampler, randn
-from .sampling import Output, Pipeline, SamplingConfig
+from .sampling import Output, Pipeline, SamplingConfig, generators
 from .schedule import NoiseSchedule
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -86,20 +86,23 @@ class DiffusionPipeline(Pipeline):
 
     # --- sampling ------------------------------------------------------------------------------
     def loop(self, n: int | None = None, *, sampler: str | None = None, num_inference_steps: int | None = None,
-             seed: int | torch.Generator = 0, class_label: Labels = None, guidance_scale: float = 1.0,
-             image: torch.Tensor | None = None, strength: float = 1.0, x_T: torch.Tensor | None = None,
-             **options) -> Iterator[StepRecord]:
+             seed: int | torch.Generator = 0, seeds: Sequence[int] | None = None, class_label: Labels = None,
+             guidance_scale: float = 1.0, image: torch.Tensor | None = None, strength: float = 1.0,
+             x_T: torch.Tensor | None = None, **options) -> Iterator[StepRecord]:
         """The reverse process for n samples, in model space, as a generator of per-step records.
 
-        ``seed`` is an int or a CPU ``torch.Generator`` (x_T, unless given, and the sampler's noise come from it).
-        ``image`` ((B, C, H, W) in [−1, 1]) with ``strength`` < 1 is image-to-image; n defaults to its batch.
+        Sample k's randomness (x_T, unless given, and the sampler's noise) comes from seed ``seeds[k]``, else
+        ``seed + k`` (``sampling.generators``; a ``torch.Generator`` as ``seed`` is one stream for all n).
+        ``image`` ((B, C, H, W) in [−1, 1]) with ``strength`` < 1 is image-to-image; n defaults to its batch
+        (or to the number of seeds).
         ``options`` go to the sampler (``eta``, ``variance``, ``clip_x0``, ``timesteps``, ``spacing`` …) and
         override the config's (``sampler_options``).
         """
         sampler, steps = sampler or self.default_sampler, num_inference_steps or self.default_steps
-        n = n if n is not None else len(image) if image is not None else len(x_T) if x_T is not None else 1
+        n = n if n is not None else len(image) if image is not None else len(x_T) if x_T is not None else \
+            len(seeds) if seeds is not None else 1
         cond, null = self.condition(n, class_label, guidance_scale)
-        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+        g = generators(n, seed, seeds)
         x0 = None if image is None else self.encode(image)
         x_T, kwargs = self.start(sampler, steps, options, self.shape(n), g, x_T, x0, strength)
         return get_sampler(sampler)(self.denoiser(guidance_scale, null), self.schedule, x_T, num_inference_steps=steps,
@@ -107,23 +110,25 @@ class DiffusionPipeline(Pipeline):
 
     @torch.inference_mode()
     def __call__(self, n: int | None = None, *, num_inference_steps: int | None = None, seed: int = 0,
-                 class_label: Labels = None, batch_size: int = 128, progress: bool = True, output: Output = "pil",
-                 **options):
-        """n images: ``loop`` run to the end and decoded, ``batch_size`` samples at a time (one generator across
-        batches: the same seed, n and batch_size give the same images). ``output="tensor"`` returns them as one
-        (n, C, H, W) tensor in [−1, 1], "pil" as a list of PIL images."""
+                 seeds: Sequence[int] | None = None, class_label: Labels = None, batch_size: int = 128,
+                 progress: bool = True, output: Output = "pil", **options):
+        """n images: ``loop`` run to the end and decoded, ``batch_size`` samples at a time. Image k is seeded
+        ``seeds[k]``, else ``seed + k``, so it is the same image whatever n and batch_size. ``output="tensor"``
+        returns them as one (n, C, H, W) tensor in [−1, 1], "pil" as a list of PIL images."""
         image = options.get("image")
-        n = n if n is not None else len(image) if image is not None else 1
+        n = n if n is not None else len(image) if image is not None else len(seeds) if seeds is not None else 1
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        g = torch.Generator().manual_seed(seed)
+        seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} images")
         labels = self.condition(n, class_label, 1.0)[0].labels
         total = self.steps_run(num_inference_steps, options.get("strength", 1.0), image)
         chunks = []
         for start in range(0, n, batch_size):
             part = slice(start, min(start + batch_size, n))
             batch = {k: v[part] if k in ("image", "x_T") and v is not None else v for k, v in options.items()}
-            records = self.loop(part.stop - part.start, num_inference_steps=num_inference_steps, seed=g,
+            records = self.loop(part.stop - part.start, num_inference_steps=num_inference_steps, seeds=seeds[part],
                                 class_label=None if labels is None else labels[part], **batch)
             chunks.append(self.run(records, total, progress, "tensor"))
         return self.images(torch.cat(chunks), output)

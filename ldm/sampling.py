@@ -8,25 +8,29 @@ verbs and keywords:
     pipe.loop(...)          a generator of per-step ``StepRecord``s (x_t, x̂_0, x_prev)
     pipe(...)               images: ``loop`` run to the end and decoded (PIL, or a tensor with output="tensor")
     pipe.img2img(image, …)  SDEdit: start part-way, from the image noised to that step
-    sampler, num_inference_steps, seed, guidance_scale, strength, x_T — spelled the same everywhere
+    sampler, num_inference_steps, seed, seeds, guidance_scale, strength, x_T — spelled the same everywhere
 
 and share one ``sampler_options`` (the config's settings in each sampler's keywords), one img2img step rule,
-and one classifier-free-guided denoiser over a ``Conditioning`` record.
+one seed per image (``generators``), and one classifier-free-guided denoiser over a ``Conditioning`` record.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from PIL import Image
 
 from .conditioning import Conditioning
-from .diffusion import PREDICTIONS, Model, Prediction, q_sample
+from .diffusion import PREDICTIONS, Model, Prediction
 from .images import to_pil, to_uint8
-from .samplers import DEFAULT_SPACING, classifier_free_guidance, get_sampler, randn, run_to_end, sampler_timesteps
+from .samplers import (DEFAULT_SPACING, classifier_free_guidance, randn, resolve_sampler, run_to_end,
+                       sampler_timesteps)
+from .samplers.sigmas import SigmaSchedule
+from .samplers.common import Generators
+from .samplers.euler import sigmas_at
 from .schedule import NoiseSchedule, ScheduleConfig, Spacing
 
 Variance = Literal["fixed_small", "fixed_large"]
@@ -82,6 +86,25 @@ def img2img_steps(num_inference_steps: int, strength: float) -> int:
     return run
 
 
+def generators(n: int, seed: int | torch.Generator = 0, seeds: Sequence[int] | None = None) -> Generators:
+    """The random streams for n images: one CPU generator per image, seeded ``seeds[k]`` or else ``seed + k``.
+
+    Every random draw of a run (x_T, a VAE posterior sample, a stochastic sampler's per-step noise) takes image k's
+    share from generator k (``samplers.randn``), so image k of a batch is the image its seed gives alone, and a batch
+    of one is what ``seed`` always gave. A ``torch.Generator`` passed as ``seed`` is one stream for the whole batch,
+    used as it is (to continue a stream across calls).
+    """
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} images")
+    elif isinstance(seed, torch.Generator):
+        return seed
+    else:
+        seeds = list(range(seed, seed + n))
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
 def default_device() -> str:
     """CUDA when there is a GPU, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,49 +154,69 @@ class Pipeline:
         return next(self.unet.parameters()).dtype
 
     # --- the sampler's settings ------------------------------------------------------------------------
-    def timesteps(self, sampler: str, num_inference_steps: int, spacing: Spacing | None = None) -> torch.Tensor:
-        """The decreasing timesteps ``sampler`` visits: ``spacing`` or the config's, else the sampler's diffusers
-        default, shifted by the config's ``steps_offset``."""
-        get_sampler(sampler)
+    def timesteps(self, sampler: str, num_inference_steps: int, spacing: Spacing | None = None,
+                  sigmas: SigmaSchedule | None = None) -> torch.Tensor:
+        """The decreasing timesteps ``sampler`` (a key or a UI name) visits: ``spacing`` or the config's, else the
+        sampler's diffusers default, shifted by the config's ``steps_offset``; or those of a σ schedule."""
+        key, sigmas = resolve_sampler(sampler, sigmas)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         c = self.sampling
-        return sampler_timesteps(sampler, self.schedule, num_inference_steps, spacing or c.spacing or DEFAULT_SPACING[sampler],
-                                 c.steps_offset)
+        return sampler_timesteps(key, self.schedule, num_inference_steps, spacing or c.spacing or DEFAULT_SPACING[key],
+                                 c.steps_offset, sigmas)
 
-    def sampler_options(self, sampler: str, num_inference_steps: int, spacing: Spacing | None = None) -> dict[str, Any]:
+    def sampler_options(self, sampler: str, num_inference_steps: int, spacing: Spacing | None = None,
+                        sigmas: SigmaSchedule | None = None) -> dict[str, Any]:
         """The keyword arguments the config implies for ``sampler``: prediction type, x̂_0 clipping, the visited
-        timesteps, DDPM's variance, and DDIM's ᾱ after the last step (ᾱ_0 when ``set_alpha_to_one`` is false)."""
+        timesteps, DDPM's variance, and DDIM's ᾱ after the last step (ᾱ_0 when ``set_alpha_to_one`` is false).
+        With a σ schedule (``sigmas``, or a UI name such as "DPM++ 2M Karras") the sampler picks its timesteps
+        itself, from the spacing's σ range (the Euler family's)."""
         c = self.sampling
-        options: dict[str, Any] = dict(prediction=c.prediction, clip_x0=c.clip_x0,
-                                       timesteps=self.timesteps(sampler, num_inference_steps, spacing))
-        if sampler == "ddpm":
+        key, sigmas = resolve_sampler(sampler, sigmas)
+        options: dict[str, Any] = dict(prediction=c.prediction, clip_x0=c.clip_x0)
+        if sigmas is None:
+            options["timesteps"] = self.timesteps(key, num_inference_steps, spacing)
+        else:
+            options |= dict(sigmas=sigmas, spacing=spacing or c.spacing or DEFAULT_SPACING[key],
+                            steps_offset=c.steps_offset)
+        if key == "ddpm":
             options["variance"] = c.variance
-        if sampler == "ddim" and not c.set_alpha_to_one:
+        if key == "ddim" and not c.set_alpha_to_one:
             options["final_alpha_bar"] = float(self.schedule.alpha_bar_f64[0])
         return options
 
     def start(self, sampler: str, num_inference_steps: int, options: dict[str, Any], shape: tuple[int, ...],
-              generator: torch.Generator, x_T: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-              strength: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
+              generator: Generators, x_T: torch.Tensor | None = None, x0: torch.Tensor | None = None,
+              strength: float = 1.0, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """(x_T, the sampler's keyword arguments) for a run: the config's ``sampler_options``, overridden by the
-        caller's ``options`` (``spacing`` among them picks the timesteps).
+        caller's ``options`` (``spacing`` among them picks the timesteps, ``sigmas`` a σ schedule).
 
-        x_T is the caller's, or noise from ``generator``; for image-to-image (``x0`` given, strength < 1) the run
-        keeps the last ``img2img_steps`` timesteps and starts from x_t ~ q(x_t | x_0) at the first of them
-        [SDEdit, Meng et al. 2022, §3]."""
+        x_T is the caller's, or ε: ``noise`` if given, else drawn from ``generator`` (one per image: see
+        ``generators``); for image-to-image (``x0`` given, strength < 1) the run keeps the last ``img2img_steps``
+        timesteps and starts from x_0 noised to the first of them (``noised``)  [SDEdit, Meng et al. 2022, §3]."""
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         options = dict(options)
-        kwargs = self.sampler_options(sampler, num_inference_steps, options.pop("spacing", None)) | options
+        kwargs = self.sampler_options(sampler, num_inference_steps, options.pop("spacing", None),
+                                      options.pop("sigmas", None)) | options
         if x0 is not None and strength < 1.0:
+            if "sigmas" in kwargs:  # diffusers noises x_0 to the schedule's σ, not to ᾱ at a timestep: not done yet
+                raise ValueError("image-to-image with a sigma schedule is not supported; use sigmas=None")
             timesteps = kwargs["timesteps"][-img2img_steps(num_inference_steps, strength):]
-            noise = randn(shape, generator, self.device)
-            x_T = q_sample(self.schedule, x0.expand(shape), timesteps[:1].expand(shape[0]).to(self.device), noise)
+            noise = randn(shape, generator, self.device) if noise is None else noise
+            x_T = self.noised(x0.expand(shape), timesteps[0], noise)
             kwargs["timesteps"] = timesteps
         elif x_T is None:
-            x_T = randn(shape, generator, self.device)
+            x_T = randn(shape, generator, self.device) if noise is None else noise
         return x_T.to(self.device, torch.float32), kwargs
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε  [Ho et al. 2020, Eq. 4] at a timestep t that may be fractional (the Euler
+        samplers' "linspace" steps): ᾱ_t = 1/(1 + σ_t²) with σ linear in t between training steps, as those samplers
+        and diffusers' ``add_noise`` for them read it; on a training step this is the schedule's ᾱ_t."""
+        sigma = sigmas_at(self.schedule, torch.as_tensor(t, dtype=torch.float64).reshape(1))[0]
+        alpha_bar = (1 + sigma**2).reciprocal()
+        return alpha_bar.sqrt().to(x0.dtype) * x0 + (1 - alpha_bar).sqrt().to(x0.dtype) * noise
 
     # --- the model the samplers run ----------------------------------------------------------------------
     def _autocast(self):

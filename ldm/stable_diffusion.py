@@ -1,6 +1,6 @@
 """Stable Diffusion: text-to-image, image-to-image and inpainting from a latent diffusion model  [Rombach et al. 2022].
 
-    prompt ─tokenizer─► ids (B, 77) ─text_encoder─► context (B, 77, D)
+    prompt ─prompts, tokenizer (weights, 75-token chunks)─► ids (B, K, 77) ─text_encoder─► context (B, K·77, D)
     noise (B, 4, H/8, W/8) ─sampler ⟲ unet(z_t, t, context), classifier-free guided─► z_0 ─vae.decode(z_0 / s)─► image
 
 Composes the pieces; the maths lives in ``samplers``, ``unet``, ``vae``, ``text_encoder``, and what both pipelines
@@ -20,11 +20,13 @@ from PIL import Image
 from .attention import set_attention_chunk
 from .conditioning import Conditioning
 from .perf import enable_fast_cpu
-from .samplers import StepRecord, get_sampler
-from .sampling import Output, Pipeline, SamplingConfig
+from .samplers import StepRecord, get_sampler, randn
+from .samplers.common import Generators
+from .sampling import Output, Pipeline, SamplingConfig, generators
 from .schedule import NoiseSchedule
 from .sd_config import StableDiffusionConfig
-from .text_encoder import TextEncoder
+from .prompts import count_chunks, emphasize, prompt_tokens
+from .text_encoder import TextEncoder, clip_skip_layer
 from .tokenizer import CLIPTokenizer
 from .unet import UNet
 from .vae import AutoencoderKL, check_tile
@@ -62,6 +64,7 @@ class StableDiffusion(Pipeline):
             enable_fast_cpu(model.eval())
         self.vae_tile: int | None = None  # see enable_vae_tiling
         self.notes: list[str] = list(notes)
+        self.prompt_syntax = True  # A1111's weights, BREAK and long prompts (see embed_prompts); False: diffusers'
 
     @property
     def config(self) -> StableDiffusionConfig:
@@ -103,21 +106,59 @@ class StableDiffusion(Pipeline):
 
     # --- text → context ----------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_prompt(self, prompts: Prompt) -> torch.Tensor:
-        """Prompts → the hidden states the UNet cross-attends to, (B, 77, D)."""
-        return self.embed_prompts(prompts)[0]
+    def encode_prompt(self, prompts: Prompt, clip_skip: int = 1) -> torch.Tensor:
+        """Prompts → the hidden states the UNet cross-attends to, (B, K·77, D) (see ``embed_prompts``)."""
+        return self.embed_prompts(prompts, clip_skip)[0]
 
     @torch.inference_mode()
-    def embed_prompts(self, prompts: Prompt) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompts → (context (B, 77, D), pooled (B, P) or None). SDXL concatenates its two encoders' states
-        along D and pools with the second one."""
+    def embed_prompts(self, prompts: Prompt, clip_skip: int = 1,
+                      chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts → (context (B, K·77, D), pooled (B, P) or None). SDXL concatenates its two encoders' states
+        along D and pools with the second one.
+
+        With ``prompt_syntax`` (the default) a prompt is read in A1111's syntax (``ldm.prompts``): (weights),
+        [weights], (text:w), BREAK, and K ≥ ``chunks`` chunks of 75 tokens, each encoded as a prompt of its own
+        and weighted, the contexts joined along the sequence; SDXL's pooled output is the first chunk's, as A1111
+        takes it. Without it K = 1: brackets are text and the prompt is cut at 77 tokens, with a warning, as
+        diffusers reads it. A prompt of ≤ 75 tokens with no brackets or BREAK has the same context either way.
+        ``clip_skip`` k takes the states of the block k − 1 before the model's own, for each encoder
+        (``ldm.text_encoder.clip_skip_layer``: A1111's CLIP skip for SD 1, diffusers' clip_skip + 1 everywhere).
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        chunks = max(chunks, self.chunk_count(prompts))
         with self._autocast():
-            context = self.text_encoder(self.tokenizer(prompts).to(self.device))
+            context, _ = self._encode(self.tokenizer, self.text_encoder, prompts, clip_skip, chunks, pooled=False)
             if self.text_encoder_2 is None:
                 return context.to(self.dtype), None
-            second = self.text_encoder_2.encode(self.tokenizer_2(prompts).to(self.device))
-            return torch.cat([context, second.hidden], dim=-1).to(self.dtype), second.pooled.to(self.dtype)
+            second, pooled = self._encode(self.tokenizer_2, self.text_encoder_2, prompts, clip_skip, chunks,
+                                          pooled=True)
+            return torch.cat([context, second], dim=-1).to(self.dtype), pooled.to(self.dtype)
+
+    def chunk_count(self, prompts: list[str]) -> int:
+        """How many 77-token chunks the longest of the prompts takes, by either tokenizer (1 without
+        ``prompt_syntax``)."""
+        if not self.prompt_syntax:
+            return 1
+        return max(count_chunks(prompts, t) for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
+    def _encode(self, tokenizer: CLIPTokenizer, encoder: TextEncoder, prompts: list[str], clip_skip: int, chunks: int,
+                pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One encoder's context (B, K·77, D) and, if asked, its pooled output (B, P) of the first chunk."""
+        layer = clip_skip_layer(encoder.config, clip_skip)
+        if not self.prompt_syntax:
+            ids, weights = tokenizer(prompts)[:, None], None
+        else:
+            ids, weights = prompt_tokens(prompts, tokenizer, chunks)
+        flat = ids.flatten(0, 1).to(self.device)  # every chunk of every prompt: one batch through the encoder
+        if pooled:
+            out = encoder.encode(flat, layer)
+            hidden, first = out.hidden, out.pooled.unflatten(0, ids.shape[:2])[:, 0]
+        else:  # forward runs only the blocks the context needs
+            hidden, first = encoder(flat, layer), None
+        hidden = hidden.unflatten(0, ids.shape[:2])
+        if weights is not None:
+            hidden = emphasize(hidden, weights)
+        return hidden.flatten(1, 2), first
 
     def _prompts(self, prompt: Prompt, negative_prompt: Prompt | None, n: int) -> tuple[list[str], list[str]]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -136,11 +177,13 @@ class StableDiffusion(Pipeline):
         return (n, self.vae.config.latent_channels, height // f, width // f)
 
     def condition(self, prompts: list[str], negatives: list[str] | None, guidance_scale: float, width: int,
-                  height: int) -> tuple[Conditioning, Conditioning | None]:
+                  height: int, clip_skip: int = 1) -> tuple[Conditioning, Conditioning | None]:
         """The prompts as a ``Conditioning`` and, when guided, the negative prompts' (``negatives`` None: an all-zero
-        unconditional context, SDXL's ``force_zeros_for_empty_prompt``). SDXL's size ids — original size, crop
-        corner, target size  [Podell et al. 2023, §2.2] — are the same in both."""
-        context, pooled = self.embed_prompts(prompts)
+        unconditional context, SDXL's ``force_zeros_for_empty_prompt``), both with as many 77-token chunks as the
+        longest of either takes (the shorter padded with empty chunks, as A1111 does). SDXL's size ids — original
+        size, crop corner, target size  [Podell et al. 2023, §2.2] — are the same in both."""
+        chunks = self.chunk_count(prompts + (negatives or []) if guidance_scale != 1.0 else prompts)
+        context, pooled = self.embed_prompts(prompts, clip_skip, chunks)
         size_ids = None
         if self.unet.config.added_cond_dim:
             size_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
@@ -151,22 +194,25 @@ class StableDiffusion(Pipeline):
         if negatives is None:
             context, pooled = torch.zeros_like(context), None if pooled is None else torch.zeros_like(pooled)
         else:
-            context, pooled = self.embed_prompts(negatives)
+            context, pooled = self.embed_prompts(negatives, clip_skip, chunks)
         return cond, Conditioning(context=context, pooled=pooled, size_ids=size_ids)
 
     @torch.inference_mode()
     def loop(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, width: int | None = None,
              height: int | None = None, num_inference_steps: int | None = None, guidance_scale: float = 7.5,
-             sampler: str | None = None, seed: int | torch.Generator = 0, num_images_per_prompt: int = 1,
-             strength: float = 1.0, image: ImageInput | None = None, mask: ImageInput | None = None,
-             x_T: torch.Tensor | None = None, guidance_rescale: float = 0.0, **options) -> Iterator[StepRecord]:
+             sampler: str | None = None, seed: int | torch.Generator = 0, seeds: Sequence[int] | None = None,
+             num_images_per_prompt: int = 1, strength: float = 1.0, image: ImageInput | None = None,
+             mask: ImageInput | None = None, x_T: torch.Tensor | None = None, guidance_rescale: float = 0.0,
+             clip_skip: int = 1, **options) -> Iterator[StepRecord]:
         """The reverse process as a generator of per-step records (latents, x̂_0) — ``__call__`` runs it to the end.
 
         ``image`` with ``strength`` < 1 is image-to-image (SDEdit  [Meng et al. 2022]); ``image`` with ``mask``
-        (white = repaint) is inpainting, with the 9-channel inpainting model; width and height default to the
-        image's, else the model's training size. The seed's generator, on the CPU, draws the VAE posterior sample
-        (img2img) and then x_T, in diffusers' order, so seeds match its images. ``guidance_rescale`` (φ, e.g. 0.7
-        for zero-terminal-SNR v-models) tempers strong guidance. ``options`` go to the sampler.
+        (white = repaint) is inpainting (``inpaint``); width and height default to the image's, else the model's
+        training size. Image k (of prompts × num_images_per_prompt, prompt-major) is seeded ``seeds[k]``, else
+        ``seed + k``: its CPU generator draws its VAE posterior sample (img2img) and then its x_T, in diffusers'
+        order, so seeds match its images (diffusers given a list of generators). ``guidance_rescale`` (φ, e.g. 0.7
+        for zero-terminal-SNR v-models) tempers strong guidance. ``clip_skip`` k reads the text encoders k − 1
+        blocks early (``embed_prompts``). ``options`` go to the sampler.
         """
         sampler, steps = sampler or self.default_sampler, num_inference_steps or self.default_steps
         loop = get_sampler(sampler)
@@ -178,16 +224,47 @@ class StableDiffusion(Pipeline):
         default_w, default_h = _size(image) if image is not None else (self.config.size, self.config.size)
         width, height = width or default_w, height or default_h
         shape = self.latent_shape(len(prompts), width, height)
-        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+        g = generators(len(prompts), seed, seeds)
         zero_uncond = self.config.zero_uncond and negative_prompt is None
-        cond, uncond = self.condition(prompts, None if zero_uncond else negatives, guidance_scale, width, height)
-        z0 = self.encode(self.image_tensor(image, width, height), g) if image is not None and 0 <= strength < 1 else None
-        x_T, kwargs = self.start(sampler, steps, options, shape, g, x_T, z0, strength)
-        if mask is not None:
+        cond, uncond = self.condition(prompts, None if zero_uncond else negatives, guidance_scale, width, height,
+                                      clip_skip)
+        # an ordinary (4-channel) UNet repaints by putting the known region back after every step (``repaint``)
+        blend = mask is not None and not self.config.inpainting
+        # diffusers' order of draws: the image's posterior sample, ε, then the masked image's posterior sample
+        if image is not None and (strength < 1 or blend):
+            z0 = self.encode(self.image_tensor(image, width, height), g)
+        else:
+            z0 = None
+        noise = (randn(shape, g, self.device) if x_T is None else x_T) if blend else None
+        x_T, kwargs = self.start(sampler, steps, options, shape, g, x_T, z0, strength, noise)
+        if mask is not None and not blend:
             extra = self.inpainting_channels(image, mask, shape, g)
             cond, uncond = replace(cond, concat=extra), None if uncond is None else replace(uncond, concat=extra)
-        yield from loop(self.denoiser(guidance_scale, uncond, guidance_rescale), self.schedule, x_T, cond=cond,
-                        generator=g, num_inference_steps=steps, **kwargs)
+        records = loop(self.denoiser(guidance_scale, uncond, guidance_rescale), self.schedule, x_T, cond=cond,
+                       generator=g, num_inference_steps=steps, **kwargs)
+        if blend:
+            if "timesteps" not in kwargs:  # a σ schedule picks its steps inside the sampler: no levels to blend at
+                raise ValueError("inpainting with a sigma schedule needs an inpainting checkpoint; use sigmas=None")
+            randn(shape, g, "cpu")  # diffusers encodes the masked image for a 4-channel UNet too, unused: same draws
+            records = self.repaint(records, z0, noise, self.masks(mask, shape)[1], kwargs["timesteps"])
+        yield from records
+
+    def repaint(self, records: Iterator[StepRecord], z0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                timesteps: torch.Tensor) -> Iterator[StepRecord]:
+        """Inpainting with an ordinary UNet: after each step s of the run, the known region (mask 0) is replaced by
+        the image's latents z_0 noised to the level the next step starts from, with the ε that x_T was made of,
+
+            x_s ← m · x_s + (1 − m) · (√ᾱ_s z_0 + √(1 − ᾱ_s) ε)      (x ← m · x + (1 − m) · z_0 after the last step)
+
+        as diffusers' StableDiffusionInpaintPipeline does for a 4-channel UNet (the "replacement" method of
+        [Song et al. 2021, App. I.2]; RePaint [Lugmayr et al. 2022] without its resampling). m is the mask at
+        latent size (``masks``), s the next of ``timesteps`` (``noised``: fractional ones too). The sampler
+        continues from the x_prev it yielded, so the blend is written into it."""
+        last = len(timesteps) - 1
+        for record in records:
+            known = self.noised(z0, timesteps[record.index + 1], noise) if record.index < last else z0
+            record.x_prev.copy_(mask * record.x_prev + (1 - mask) * known)
+            yield record
 
     def __call__(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, progress: bool = True,
                  output: Output = "pil", **options) -> list[Image.Image] | torch.Tensor:
@@ -195,18 +272,39 @@ class StableDiffusion(Pipeline):
         tensor in [−1, 1] with ``output="tensor"``).
 
         Options as in ``loop``: width, height (multiples of 8), num_inference_steps, guidance_scale,
-        guidance_rescale, sampler ("dpm++2m", "euler_a", "euler", "ddim", "ddpm"), seed, num_images_per_prompt,
-        image + strength (img2img), image + mask (inpainting), x_T.
+        guidance_rescale, clip_skip, sampler ("dpm++2m", "euler_a", "euler", "ddim", "ddpm"), seed or seeds,
+        num_images_per_prompt, image + strength (img2img), image + mask (inpainting), x_T.
         """
         total = self.steps_run(options.get("num_inference_steps"), options.get("strength", 1.0), options.get("image"))
         return self.run(self.loop(prompt, negative_prompt, **options), total, progress, output)
 
     def inpaint(self, image: ImageInput, mask: ImageInput, prompt: Prompt, **options) -> list[Image.Image]:
-        """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``."""
-        if not self.config.inpainting:
-            raise ValueError(f"inpainting needs an inpainting checkpoint (UNet with {2 * self.vae.config.latent_channels + 1} "
-                             f"input channels); this one has {self.config.unet.in_channels}")
+        """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``: an inpainting checkpoint
+        sees the mask and the masked image; an ordinary one keeps the rest by blending it back at every step
+        (``repaint``). ``strength`` < 1 starts from the image noised part-way, as img2img."""
         return self(prompt, image=image, mask=mask, **options)
+
+    def hires(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, scale: float = 2.0, strength: float = 0.5,
+              width: int | None = None, height: int | None = None, progress: bool = True, output: Output = "pil",
+              **options) -> list[Image.Image] | torch.Tensor:
+        """"Hires fix": compose at a size the model knows, then add detail at ``scale`` × that size.
+
+        1. generate at width × height (default: the model's training size),
+        2. upscale the images bicubically to the target size (width, height × scale, rounded to multiples of
+           the VAE's factor) — in pixels, not latents,
+        3. image-to-image at the target size with ``strength`` (the same prompts, seeds and settings).
+        Upscaling latents would save a VAE decode and encode, but interpolated latents are no image's latents (they
+        decode blurred and blotchy), so only a strength high enough to redraw much of the composition repairs them;
+        an image upscaled and encoded is a real, if soft, image, so a moderate strength only adds detail.
+        Sampling straight at the large size repeats subjects instead: the model was trained at its own size.
+        """
+        width, height = width or self.config.size, height or self.config.size
+        f = self.vae.config.downsample_factor
+        target = [f * max(1, round(side * scale / f)) for side in (height, width)]
+        small = self(prompt, negative_prompt, width=width, height=height, progress=progress, output="tensor", **options)
+        large = F.interpolate(small, size=target, mode="bicubic").clamp(-1, 1)
+        return self(prompt, negative_prompt, image=large, strength=strength, progress=progress, output=output,
+                    **options)
 
     # --- images ↔ latents -------------------------------------------------------------------------
     def image_tensor(self, image: ImageInput, width: int, height: int, channels: int = 3, what: str = "image") -> torch.Tensor:
@@ -222,9 +320,13 @@ class StableDiffusion(Pipeline):
         return image.to(self.device, torch.float32)
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, tile: int | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: Generators = None, tile: int | None = None) -> torch.Tensor:
         """Images in [−1, 1] → scaled latents s·z, z sampled from the VAE posterior (its mean without a generator);
-        in tiles of ``tile`` latent pixels, by default those of ``enable_vae_tiling``."""
+        in tiles of ``tile`` latent pixels, by default those of ``enable_vae_tiling``. A list of generators encodes
+        one image per generator (one image is repeated), each sampled from its own, as diffusers does."""
+        if isinstance(generator, list):
+            images = images.expand(len(generator), -1, -1, -1)
+            return torch.cat([self.encode(x[None], g, tile) for x, g in zip(images, generator)])
         posterior = self.vae.encode(images.to(self.vae_dtype), tile=self.vae_tile if tile is None else tile)
         z = posterior.mode() if generator is None else posterior.sample(generator)
         return z.float() * self.vae.config.scaling_factor
@@ -240,18 +342,28 @@ class StableDiffusion(Pipeline):
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    def inpainting_channels(self, image: ImageInput, mask: ImageInput, shape, g: torch.Generator) -> torch.Tensor:
+    def masks(self, mask: ImageInput, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask binarised (1 = repaint, where it is ≥ ½ in [0, 1]) at image size and, nearest-neighbour, at the
+        latents' size (B, 1, h, w), as diffusers' StableDiffusionInpaintPipeline prepares it."""
+        n, _, h, w = shape
+        f = self.vae.config.downsample_factor
+        m = (self.image_tensor(mask, w * f, h * f, channels=1, what="mask") + 1) / 2
+        if m.shape[0] not in (1, n):
+            raise ValueError(f"got {m.shape[0]} masks for {n} outputs")
+        m = (m >= 0.5).float()
+        return m, F.interpolate(m, size=(h, w))
+
+    def inpainting_channels(self, image: ImageInput, mask: ImageInput, shape, g: Generators) -> torch.Tensor:
         """The inpainting UNet's extra input: the mask at latent size and the latents of the image with the
         masked part blanked out, (B, 1 + 4, h, w), as diffusers' StableDiffusionInpaintPipeline prepares them."""
         n, _, h, w = shape
         f = self.vae.config.downsample_factor
         pixels = self.image_tensor(image, w * f, h * f)
-        m = (self.image_tensor(mask, w * f, h * f, channels=1, what="mask") + 1) / 2
-        if m.shape[0] not in (1, n) or pixels.shape[0] not in (1, n):
-            raise ValueError(f"got {pixels.shape[0]} images and {m.shape[0]} masks for {n} outputs")
-        m = (m >= 0.5).float()
-        masked_latents = self.encode(pixels * (m < 0.5), g)
-        return torch.cat([F.interpolate(m, size=(h, w)), masked_latents], dim=1).expand(n, -1, -1, -1)
+        if pixels.shape[0] not in (1, n):
+            raise ValueError(f"got {pixels.shape[0]} images for {n} outputs")
+        m, m_latent = self.masks(mask, shape)
+        masked_latents = self.encode(pixels * (m < 0.5), g).expand(n, -1, -1, -1)
+        return torch.cat([m_latent.expand(n, -1, -1, -1), masked_latents], dim=1)
 
 
 def _size(image: ImageInput) -> tuple[int, int]:

@@ -193,13 +193,23 @@ class TextEncoder(nn.Module):
     def _hidden(self, state: torch.Tensor) -> torch.Tensor:
         return self.final_norm(state) if self.config.final_norm_on_hidden else state
 
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """The hidden states the UNet attends to. Shapes: (B, L) → (B, L, width)."""
-        used = self.config.layers + 1 + self.config.output_layer  # SD2 and SDXL never run the last block for the UNet
+    def _output_layer(self, output_layer: int | None) -> int:
+        if output_layer is None:
+            return self.config.output_layer
+        if not -self.config.layers <= output_layer <= -1:
+            raise ValueError(f"output_layer must be in [-{self.config.layers}, -1] (counted from the end); "
+                             f"got {output_layer}")
+        return output_layer
+
+    def forward(self, token_ids: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
+        """The hidden states the UNet attends to, from block ``output_layer`` counted from the end (default: the
+        config's; the final norm as the config says — clip skip). Shapes: (B, L) → (B, L, width)."""
+        used = self.config.layers + 1 + self._output_layer(output_layer)  # SD2 and SDXL never run the last block
         return self._hidden(self._blocks(token_ids, used)[-1])
 
-    def encode(self, token_ids: torch.Tensor) -> TextEncoderOutput:
-        """Hidden states and the pooled vector, read at each row's first end-of-text token (``eos_token_id``).
+    def encode(self, token_ids: torch.Tensor, output_layer: int | None = None) -> TextEncoderOutput:
+        """Hidden states (as ``forward``) and the pooled vector, read at each row's first end-of-text token
+        (``eos_token_id``) of the last block's output, whatever ``output_layer``.
 
         transformers configs written before its PR #24773 carry eos_token_id = 2 and pool at argmax(ids)
         instead; CLIP's end token 49407 is the largest id, so for tokenizer output the two agree
@@ -214,8 +224,22 @@ class TextEncoder(nn.Module):
         pooled = last[torch.arange(len(token_ids), device=last.device), is_eos.int().argmax(dim=1)]
         if self.projection is not None:
             pooled = self.projection(pooled)
-        hidden = self._hidden(states[self.config.output_layer])
+        hidden = self._hidden(states[self._output_layer(output_layer)])
         return TextEncoderOutput(hidden, pooled)
 
 
-__all__ = ["TextEncoder", "TextEncoderConfig", "TextEncoderOutput", "quick_gelu"]
+def clip_skip_layer(config: TextEncoderConfig, clip_skip: int) -> int:
+    """The ``output_layer`` for "clip skip" k: k − 1 blocks before the model's own, the final norm as the model has
+    it. For SD 1 (last block + norm) that is A1111's CLIP skip (k = 2: the penultimate block, then the final norm);
+    for every family it is diffusers' ``clip_skip`` = k − 1 (SDXL: ``hidden_states[-(k + 1)]``, no norm).
+    ValueError below 1 or past the first block."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ValueError(f"clip_skip must be an integer ≥ 1 (1: the model's own text-encoder layer); "
+                         f"got {clip_skip!r}")
+    most = config.layers + config.output_layer + 1
+    if clip_skip > most:
+        raise ValueError(f"clip_skip={clip_skip} is beyond the text encoder's {config.layers} blocks (at most {most})")
+    return config.output_layer - (clip_skip - 1)
+
+
+__all__ = ["TextEncoder", "TextEncoderConfig", "TextEncoderOutput", "clip_skip_layer", "quick_gelu"]

@@ -200,6 +200,11 @@ class CLIPTokenizer:
         text = bytes(self.byte_decoder[c] for c in chars).decode("utf-8", errors="replace")
         return text.replace("</w>", " ").strip()
 
+    def frame(self, ids: list[int]) -> list[int]:
+        """`<|startoftext|> ids <|endoftext|>` padded to max_length: the row the text encoder reads (≤ 75 ids)."""
+        row = [self.bos_id, *ids, self.eos_id]
+        return row + [self.pad_id] * (self.max_length - len(row))
+
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         """Prompts → ids, `<|startoftext|>` first and `<|endoftext|>` last, truncated and padded.
 
@@ -218,8 +223,7 @@ class CLIPTokenizer:
                 warnings.warn(f"prompt is longer than {self.max_length} tokens; dropped {len(dropped)} tokens: "
                               f"{self.decode(dropped)!r}", stacklevel=2)
                 ids = ids[:keep]
-            row = [self.bos_id, *ids, self.eos_id]
-            rows.append(row + [self.pad_id] * (self.max_length - len(row)))
+            rows.append(self.frame(ids))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
 
 

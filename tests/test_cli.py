@@ -90,7 +90,9 @@ def test_sample_trajectory_class_and_guidance(run_dir, tmp_path, monkeypatch):
     for k in (0, 4, 9):
         gif.seek(k)
         pairs = [np.hstack([u8(kept[k].x_t[i]), u8(kept[k].x0_pred[i])]) for i in range(4)]
-        assert np.array_equal(np.asarray(gif.convert("L")), grid([pairs[:2], pairs[2:]], 2 * tile)), k
+        # within a grey level: PIL's GIF palette (256 colours) rounds a frame that uses nearly every grey
+        frame = np.asarray(gif.convert("L")).astype(int)
+        assert np.abs(frame - grid([pairs[:2], pairs[2:]], 2 * tile)).max() <= 1, k
     assert Image.open(tmp_path / "t.v1.png").size == (2 * (pad + 2 * (tile + pad)),) * 2  # 2×2 grid, --scale 2
 
     c3 = run("c3", 2, 3, 3)

@@ -123,8 +123,9 @@ def test_ddim_equals_diffusers_ddim_pipeline(folders, name):
     ref = diffusers.DDIMPipeline(unet, diffusers.DDIMScheduler.from_config(scheduler.config))
     ref.set_progress_bar_config(disable=True)
     for seed in (0, 3):
-        expected = ref(batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=5, eta=0.0,
-                       output_type="np").images
+        # one generator per image, seed + k: how ldm seeds a batch
+        expected = ref(batch_size=2, generator=[torch.Generator().manual_seed(seed + k) for k in range(2)],
+                       num_inference_steps=5, eta=0.0, output_type="np").images
         got = as_diffusers_np(pipe(2, sampler="ddim", num_inference_steps=5, eta=0.0, seed=seed, progress=False,
                                    output="tensor"))
         assert got.shape == expected.shape
@@ -140,7 +141,8 @@ def test_respaced_ddpm_equals_diffusers_ddpm_pipeline(folders, name):
     folder, unet, scheduler = folders[name]
     ref = diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler.from_config(scheduler.config))
     ref.set_progress_bar_config(disable=True)
-    expected = ref(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=10, output_type="np").images
+    expected = ref(batch_size=2, generator=[torch.Generator().manual_seed(1 + k) for k in range(2)], num_inference_steps=10,
+                   output_type="np").images
     pipe = load_pipeline(folder)
     assert pipe.sampling.variance == scheduler.config.variance_type
     got = as_diffusers_np(pipe(2, sampler="ddpm", num_inference_steps=10, seed=1, progress=False, output="tensor"))

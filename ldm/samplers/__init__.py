@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -10,34 +11,74 @@ from ..schedule import NoiseSchedule, Spacing
 from .common import StepRecord, randn, run_to_end
 from .ddim import ddim
 from .ddpm import ddpm
-from .dpm_solver import dpm_solver_timesteps, dpmpp_2m
-from .euler import euler, euler_ancestral, euler_timesteps
+from .dpm_solver import dpm_solver_sigma_steps, dpm_solver_timesteps, dpmpp_2m, dpmpp_2m_sde
+from .euler import euler, euler_ancestral, euler_timesteps, sigma_steps
 from .guidance import classifier_free_guidance
+from .heun import heun
+from .lms import lms
+from .sigmas import SIGMA_SCHEDULES, SigmaSchedule
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "euler": euler, "euler_a": euler_ancestral}
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "euler": euler, "euler_a": euler_ancestral,
+            "dpm++2m_sde": dpmpp_2m_sde, "heun": heun, "lms": lms}
 # The spacing each sampler's diffusers scheduler class uses when a config does not say (SD 1.5's does not).
 DEFAULT_SPACING: dict[str, Spacing] = {"ddpm": "leading", "ddim": "leading", "dpm++2m": "linspace", "euler": "linspace",
-                                       "euler_a": "linspace"}
+                                       "euler_a": "linspace", "dpm++2m_sde": "linspace", "heun": "linspace",
+                                       "lms": "linspace"}
+# The samplers that step in σ and so take a σ schedule (``sigmas=``): DPM-Solver's and the Euler family.
+SIGMA_SAMPLERS = ("dpm++2m", "dpm++2m_sde", "euler", "euler_a", "heun", "lms")
+# The names common UIs (A1111, ComfyUI, diffusers' docs) give them: (sampler, σ schedule).
+ALIASES: dict[str, tuple[str, SigmaSchedule | None]] = {
+    "Euler": ("euler", None), "Euler a": ("euler_a", None), "DPM++ 2M": ("dpm++2m", None),
+    "DPM++ 2M Karras": ("dpm++2m", "karras"), "DPM++ 2M SDE": ("dpm++2m_sde", None),
+    "DPM++ 2M SDE Karras": ("dpm++2m_sde", "karras"), "Heun": ("heun", None), "LMS": ("lms", None),
+    "LMS Karras": ("lms", "karras"), "DDIM": ("ddim", None),
+}
+SAMPLER_NAMES = (*SAMPLERS, *ALIASES)
 
 
-def get_sampler(name: str):
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+def resolve_sampler(name: str, sigmas: SigmaSchedule | None = None) -> tuple[str, SigmaSchedule | None]:
+    """(the sampler's key in ``SAMPLERS``, its σ schedule) for a key or a UI name ("DPM++ 2M Karras" →
+    ("dpm++2m", "karras")); ``sigmas`` asks for a schedule explicitly and must agree with the name's."""
+    by_lower = {alias.lower(): target for alias, target in ALIASES.items()}
+    if name in SAMPLERS:
+        key, implied = name, None
+    elif name.lower() in by_lower:
+        key, implied = by_lower[name.lower()]
+    else:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}; or as UIs name them: "
+                         f"{', '.join(ALIASES)}")
+    if sigmas is not None and sigmas not in SIGMA_SCHEDULES:
+        raise ValueError(f"unknown sigma schedule {sigmas!r}; known: {', '.join(SIGMA_SCHEDULES)}")
+    if implied is not None and sigmas is not None and sigmas != implied:
+        raise ValueError(f"sampler {name!r} means sigmas={implied!r}, but sigmas={sigmas!r} was asked for")
+    sigmas = sigmas or implied
+    if sigmas is not None and key not in SIGMA_SAMPLERS:
+        raise ValueError(f"sampler {key!r} takes no sigma schedule; those that do: {', '.join(SIGMA_SAMPLERS)}")
+    return key, sigmas
+
+
+def get_sampler(name: str, sigmas: SigmaSchedule | None = None):
+    """The sampler loop for a key or a UI name, with its σ schedule bound ("LMS Karras": ``lms``, karras)."""
+    key, sigmas = resolve_sampler(name, sigmas)
+    return SAMPLERS[key] if sigmas is None else partial(SAMPLERS[key], sigmas=sigmas)
 
 
 def sampler_timesteps(name: str, schedule: NoiseSchedule, num_inference_steps: int, spacing: Spacing = "leading",
-                      steps_offset: int = 0) -> torch.Tensor:
+                      steps_offset: int = 0, sigmas: SigmaSchedule | None = None) -> torch.Tensor:
     """The timesteps the named sampler visits by default, decreasing: what to slice for img2img.
 
     They differ by sampler as diffusers' schedulers do: DPM-Solver splits [0, T) into S + 1 points
-    ("leading" steps by ⌊T/(S+1)⌋), Euler leaves "linspace" unrounded; DDIM and DDPM use ``schedule.timesteps``.
+    ("leading" steps by ⌊T/(S+1)⌋), Euler, Heun and LMS leave "linspace" unrounded; DDIM and DDPM use
+    ``schedule.timesteps``. With a σ schedule (named, or implied by a UI name), the timesteps of its σ's
+    (fractional for the Euler family; ``sigma_steps``, ``dpm_solver_sigma_steps``). Heun's are its S outer steps.
     """
-    get_sampler(name)
-    if name == "dpm++2m":
+    key, sigmas = resolve_sampler(name, sigmas)
+    if key.startswith("dpm++2m"):
+        if sigmas is not None:
+            return dpm_solver_sigma_steps(schedule, num_inference_steps, sigmas)[0]
         return dpm_solver_timesteps(schedule, num_inference_steps, spacing, steps_offset)
-    if name in ("euler", "euler_a"):
-        return euler_timesteps(schedule, num_inference_steps, spacing, steps_offset)
+    if key in SIGMA_SAMPLERS:
+        return sigma_steps(schedule, num_inference_steps, spacing, steps_offset, sigmas=sigmas)[0]
     return schedule.timesteps(num_inference_steps, spacing, steps_offset)
 
 
@@ -55,10 +96,11 @@ def sample(
 ) -> torch.Tensor:
     """Draw x_T ~ N(0, I) from ``generator`` (on the CPU) and run the named sampler to the end.
 
-    ``options`` go to the sampler (num_inference_steps, eta, prediction, cond, …).
+    ``sampler`` is a key of ``SAMPLERS`` or a UI name ("DPM++ 2M Karras"); ``options`` go to the sampler
+    (num_inference_steps, eta, prediction, cond, sigmas, …).
     Returns x_0, shape ``shape``.
     """
-    loop = get_sampler(name=sampler)
+    loop = get_sampler(sampler, options.pop("sigmas", None))
     x = randn(shape, generator, device) if x_T is None else x_T
     if options.get("timesteps") is not None:
         steps = len(options["timesteps"])
@@ -68,7 +110,8 @@ def sample(
 
 
 __all__ = [
-    "DEFAULT_SPACING", "SAMPLERS", "StepRecord", "classifier_free_guidance", "ddim", "ddpm",
-    "dpm_solver_timesteps", "dpmpp_2m", "euler", "euler_ancestral", "euler_timesteps", "get_sampler", "randn",
-    "run_to_end", "sample", "sampler_timesteps",
+    "ALIASES", "DEFAULT_SPACING", "SAMPLERS", "SAMPLER_NAMES", "SIGMA_SAMPLERS", "SIGMA_SCHEDULES", "StepRecord",
+    "classifier_free_guidance", "ddim", "ddpm", "dpm_solver_sigma_steps", "dpm_solver_timesteps", "dpmpp_2m",
+    "dpmpp_2m_sde", "euler", "euler_ancestral", "euler_timesteps", "get_sampler", "heun", "lms", "randn",
+    "resolve_sampler", "run_to_end", "sample", "sampler_timesteps", "sigma_steps",
 ]

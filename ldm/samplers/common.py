@@ -25,12 +25,22 @@ class StepRecord:
 SamplerLoop = Iterator[StepRecord]
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | str,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device (CPU by default) and moved to ``device``.
 
-    Drawing on the CPU makes a seed give the same image on any accelerator.
+    Drawing on the CPU makes a seed give the same image on any accelerator. A list of generators, one per batch
+    item, draws item k's slice (1, *shape[1:]) from generator k, as diffusers' ``randn_tensor`` does with a list:
+    an image then gets the same noise in any batch, so image k of a batch seeded s, s+1, … is the image seed s+k
+    gives alone — for x_T and for every noise a stochastic sampler draws on the way.
     """
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     g_device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(shape, generator=generator, device=g_device, dtype=torch.float32).to(device=device, dtype=dtype)
 

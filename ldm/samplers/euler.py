@@ -9,6 +9,7 @@ import torch
 from ..diffusion import Prediction
 from ..schedule import NoiseSchedule, Spacing
 from .common import Model, SamplerLoop, StepRecord, predict, randn
+from .sigmas import SigmaSchedule, sigma_schedule, sigma_to_t
 
 
 def euler_timesteps(schedule: NoiseSchedule, num_inference_steps: int, spacing: Spacing = "leading",
@@ -39,12 +40,53 @@ def sigmas_at(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
     return sigma[lo] + (t - lo) * (sigma[lo + 1] - sigma[lo])
 
 
+def sigma_steps(schedule: NoiseSchedule, num_inference_steps: int, spacing: Spacing = "leading", steps_offset: int = 0,
+                timesteps: torch.Tensor | None = None, sigmas: SigmaSchedule | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The σ-space samplers' plan: the S timesteps the model is asked at, and σ at each with σ = 0 (the data)
+    appended, (S + 1,) float64.
+
+    Without ``sigmas``, σ follows the timesteps (``euler_timesteps``, or the caller's; σ from ``sigmas_at``).
+    A named schedule ("karras", "exponential", "beta": ``sigmas.sigma_schedule``) spaces S σ's between σ at the
+    first and at the last of the spacing's timesteps, as diffusers' Euler, Heun and LMS schedulers do, and asks the
+    model at t(σ) (``sigma_to_t``, fractional).
+    """
+    if timesteps is None:
+        timesteps = euler_timesteps(schedule, num_inference_steps, spacing, steps_offset)
+    elif sigmas is not None:
+        raise ValueError("pass timesteps or a sigma schedule, not both (a schedule picks its own timesteps)")
+    sigma = sigmas_at(schedule, timesteps)
+    if sigmas is not None:
+        sigma = sigma_schedule(sigmas, sigma[0], sigma[-1], len(timesteps))
+        timesteps = sigma_to_t(schedule, sigma)
+    return timesteps, torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
+
+
+def as_timestep(t: float) -> int | float:
+    """t as the model and the records get it: an int on a training step, else the fraction."""
+    return int(t) if float(t).is_integer() else t
+
+
 def _at(model: Model, t: float) -> Model:
     """``model``, but fed the timestep t itself when it is fractional ("linspace"): ``predict`` builds int64
     timesteps, while diffusers evaluates the model at the unrounded t (a UNet embeds any real t)."""
     if float(t).is_integer():
         return model
     return lambda x, _, cond: model(x, torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device), cond)
+
+
+def denoise(model: Model, prediction: Prediction, x: torch.Tensor, t: float, sigma: torch.Tensor, cond,
+            clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model at (x_t, t) read in σ-space: (x̂_0, x_σ, d), the one evaluation every σ-space step is made of.
+
+    x_σ = x_t · √(1 + σ²) (x_t in model space: the model sees what it saw in training) and
+    d = (x_σ − x̂_0)/σ = dx_σ/dσ, the probability-flow ODE's slope  [Karras et al. 2022, Eq. 1, 3]; = ε̂ unclipped.
+    """
+    t = as_timestep(t)
+    scale = (1 + sigma**2).sqrt()  # x_σ / x_t = 1/√ᾱ
+    x0_pred, _ = predict(_at(model, t), prediction, x, int(t), cond, scale.pow(-2).to(x.dtype), clip_x0)
+    x_sigma = scale.to(x.dtype) * x
+    return x0_pred, x_sigma, (x_sigma - x0_pred) / sigma.to(x.dtype)
 
 
 @torch.no_grad()
@@ -61,6 +103,7 @@ def euler(
     clip_x0: bool = False,
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
+    sigmas: SigmaSchedule | None = None,
     ancestral: bool = False,
 ) -> SamplerLoop:
     """Euler steps of the probability-flow ODE in σ-space  [Karras et al. 2022, Algorithm 2 with S_churn = 0 and
@@ -81,20 +124,15 @@ def euler(
 
     x_T, the records and the result are in model space (x_t = √ᾱ x_0 + √(1 − ᾱ) ε); x_σ stays inside.
     (diffusers starts "linspace"/"trailing" runs from x_T · σ_max, not x_T · √(1 + σ_max²).)
-    ``timesteps`` overrides the visited steps (img2img starts part-way; fractional t allowed).
+    ``timesteps`` overrides the visited steps (img2img starts part-way; fractional t allowed); ``sigmas`` names
+    a σ schedule instead ("karras", "exponential", "beta"; see ``sigma_steps``).
     Yields one ``StepRecord`` per step. Shapes: x_T (B, C, H, W).
     """
-    if timesteps is None:
-        timesteps = euler_timesteps(schedule, num_inference_steps, spacing, steps_offset)
-    sigmas = torch.cat([sigmas_at(schedule, timesteps), torch.zeros(1, dtype=torch.float64)])
+    timesteps, sigmas = sigma_steps(schedule, num_inference_steps, spacing, steps_offset, timesteps, sigmas)
     x = x_T
     for i, t in enumerate(timesteps.tolist()):
-        t = int(t) if float(t).is_integer() else t
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        scale = (1 + sigma**2).sqrt()  # x_σ / x_t = 1/√ᾱ
-        x0_pred, _ = predict(_at(model, t), prediction, x, int(t), cond, scale.pow(-2).to(x.dtype), clip_x0)
-        x_sigma = scale.to(x.dtype) * x
-        d = (x_sigma - x0_pred) / sigma.to(x.dtype)
+        x0_pred, x_sigma, d = denoise(model, prediction, x, t, sigma, cond, clip_x0)
         if ancestral:
             sigma_up = sigma_next * (sigma**2 - sigma_next**2).sqrt() / sigma
             x_sigma = x_sigma + (sigma_next**2 / sigma - sigma).to(x.dtype) * d  # σ_down = σ'²/σ, no cancellation
@@ -102,7 +140,7 @@ def euler(
         else:
             x_sigma = x_sigma + (sigma_next - sigma).to(x.dtype) * d
         x_prev = x_sigma / (1 + sigma_next**2).sqrt().to(x.dtype)
-        yield StepRecord(i, t, x, x0_pred, x_prev)
+        yield StepRecord(i, as_timestep(t), x, x0_pred, x_prev)
         x = x_prev
 
 
