@@ -32,7 +32,7 @@ from .runs import CHECKPOINT, CONFIG
 from .samplers import ALIASES, SAMPLER_NAMES, SAMPLERS, SIGMA_SAMPLERS, SIGMA_SCHEDULES, resolve_sampler, run_to_end
 from .sampling import default_device
 from .sd_checkpoint import inspect_checkpoint, save_diffusers_folder, save_single_file
-from .stable_diffusion import StableDiffusion
+from .stable_diffusion import StableDiffusion, check_refiner
 from .train import PRESETS, train_diffusion
 from .train_vae import VAE_PRESETS, train_vae
 
@@ -103,10 +103,10 @@ def model_path(args: argparse.Namespace) -> str:
     return args.model or args.checkpoint
 
 
-def load(args: argparse.Namespace, **options):
-    """The command's model through ``ldm.load_pipeline``, with its notes printed."""
+def load(args: argparse.Namespace, path: str | None = None, **options):
+    """The command's model (or the one at ``path``) through ``ldm.load_pipeline``, with its notes printed."""
     options.setdefault("device", getattr(args, "device", None) or default_device())
-    pipe = load_pipeline(model_path(args), ema=not getattr(args, "raw_weights", False), **options)
+    pipe = load_pipeline(path or model_path(args), ema=not getattr(args, "raw_weights", False), **options)
     for note in getattr(pipe, "notes", []):
         print(f"{pipe.config.family}: {note}")
     return pipe
@@ -192,13 +192,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_sd(args: argparse.Namespace) -> StableDiffusion:
+def load_sd(args: argparse.Namespace, path: str | None = None) -> StableDiffusion:
+    """The command's Stable Diffusion model (or the one at ``path``: the refiner) with its options applied."""
     device = args.device or default_device()
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     options = {k: v for k, v in dict(variant=args.variant, prediction=args.prediction).items() if v is not None}
-    pipe = load(args, dtype=dtype, **options)
+    pipe = load(args, path, dtype=dtype, **options)
     if not isinstance(pipe, StableDiffusion):
-        raise ValueError(f"{model_path(args)} is not a Stable Diffusion checkpoint: use `ldm sample`")
+        raise ValueError(f"{path or model_path(args)} is not a Stable Diffusion checkpoint: use `ldm sample`")
     if args.autocast:
         pipe.autocast = torch.bfloat16
     if args.attention_slice:
@@ -225,8 +226,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
             options["mask"] = mask = Image.open(args.mask).convert("L")
             if mask.size != image.size:
                 raise ValueError(f"mask is {mask.width}×{mask.height} but the image is {image.width}×{image.height}")
+    refiner = None
+    if args.command == "txt2img" and args.refiner:
+        if args.trajectory or args.hires_scale:
+            raise ValueError("--refiner makes a two-stage run: leave out --trajectory and --hires-scale")
+        refiner = load_sd(args, args.refiner)
+        check_refiner(refiner, f"--refiner {args.refiner}")
     start = time.perf_counter()
-    if args.command == "txt2img" and args.hires_scale:
+    if refiner is not None:
+        images = pipe(args.prompt, refiner=refiner, refine_from=args.refine_from, **options)
+    elif args.command == "txt2img" and args.hires_scale:
         if args.trajectory:
             raise ValueError("--trajectory shows one run, and --hires-scale makes two: leave one of them out")
         images = pipe.hires(args.prompt, scale=args.hires_scale, strength=args.hires_strength, **options)
@@ -373,6 +382,9 @@ def add_generate_commands(sub) -> None:
                            "images by this factor and redraw them there with img2img (e.g. 2)")
             p.add_argument("--hires-strength", type=number(float, 0), default=0.5,
                            help="the hires fix's img2img strength (default 0.5)")
+            p.add_argument("--refiner", help="an SDXL refiner (single file or diffusers folder) to run the last steps")
+            p.add_argument("--refine-from", type=float, default=0.8, help="with --refiner: the fraction of the "
+                           "denoising the base runs before the refiner takes over, in (0, 1) (default 0.8)")
         else:
             p.add_argument("--image", required=True, help="input image (its size is the output size; multiples of 8)")
         if name == "img2img":

@@ -26,7 +26,8 @@ from .stable_diffusion import StableDiffusion
 # diffusers pipeline classes → what reads them
 PIPELINE_CLASSES = {"DDPMPipeline": "ddpm-folder", "DDIMPipeline": "ddpm-folder",
                     "StableDiffusionPipeline": "sd-folder", "StableDiffusionImg2ImgPipeline": "sd-folder",
-                    "StableDiffusionInpaintPipeline": "sd-folder", "StableDiffusionXLPipeline": "sd-folder"}
+                    "StableDiffusionInpaintPipeline": "sd-folder", "StableDiffusionXLPipeline": "sd-folder",
+                    "StableDiffusionXLImg2ImgPipeline": "sd-folder"}  # the SDXL refiner's
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # each kind of checkpoint: what it is called, and the options it understands beside device and dtype
 KINDS = {"run": ("an `ldm train` run", {"ema", "vae"}), "ddpm-folder": ("a diffusers DDPM/DDIM folder", set()),

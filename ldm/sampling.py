@@ -27,7 +27,7 @@ from .conditioning import Conditioning
 from .diffusion import PREDICTIONS, Model, Prediction
 from .images import to_pil, to_uint8
 from .samplers import (DEFAULT_SPACING, classifier_free_guidance, randn, resolve_sampler, run_to_end,
-                       sampler_timesteps)
+                       sampler_sigmas, sampler_timesteps)
 from .samplers.sigmas import SigmaSchedule
 from .samplers.common import Generators
 from .samplers.euler import sigmas_at
@@ -193,30 +193,47 @@ class Pipeline:
 
         x_T is the caller's, or ε: ``noise`` if given, else drawn from ``generator`` (one per image: see
         ``generators``); for image-to-image (``x0`` given, strength < 1) the run keeps the last ``img2img_steps``
-        timesteps and starts from x_0 noised to the first of them (``noised``)  [SDEdit, Meng et al. 2022, §3]."""
+        timesteps and starts from x_0 noised to the first of them (``noised``)  [SDEdit, Meng et al. 2022, §3]. On a σ
+        schedule the sampler plans its own steps: it is told to ``begin`` at step S − ``img2img_steps`` of its S-step
+        plan (diffusers' ``set_begin_index``), and x_0 is noised to that step's σ (``levels``, ``noised_to``)."""
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         options = dict(options)
         kwargs = self.sampler_options(sampler, num_inference_steps, options.pop("spacing", None),
                                       options.pop("sigmas", None)) | options
         if x0 is not None and strength < 1.0:
-            if "sigmas" in kwargs:  # diffusers noises x_0 to the schedule's σ, not to ᾱ at a timestep: not done yet
-                raise ValueError("image-to-image with a sigma schedule is not supported; use sigmas=None")
-            timesteps = kwargs["timesteps"][-img2img_steps(num_inference_steps, strength):]
+            run = img2img_steps(num_inference_steps, strength)
+            if "sigmas" in kwargs:
+                kwargs["begin"] = num_inference_steps - run
+            else:
+                kwargs["timesteps"] = kwargs["timesteps"][-run:]
             noise = randn(shape, generator, self.device) if noise is None else noise
-            x_T = self.noised(x0.expand(shape), timesteps[0], noise)
-            kwargs["timesteps"] = timesteps
+            x_T = self.noised_to(x0.expand(shape), self.levels(sampler, num_inference_steps, kwargs)[0], noise)
         elif x_T is None:
             x_T = randn(shape, generator, self.device) if noise is None else noise
         return x_T.to(self.device, torch.float32), kwargs
+
+    def levels(self, sampler: str, num_inference_steps: int, kwargs: dict[str, Any]) -> torch.Tensor:
+        """σ = √((1 − ᾱ)/ᾱ) at each step of the run ``start``'s kwargs describe (float64): at its ``timesteps``
+        (``sigmas_at``), or the σ schedule's plan from step ``begin`` on (``samplers.sampler_sigmas``)."""
+        if "sigmas" not in kwargs:
+            return sigmas_at(self.schedule, torch.as_tensor(kwargs["timesteps"]))
+        plan = sampler_sigmas(sampler, self.schedule, num_inference_steps, kwargs["spacing"], kwargs["steps_offset"],
+                              kwargs["sigmas"])
+        return plan[kwargs.get("begin", 0):]
+
+    def noised_to(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_0 noised to σ, in model space: √ᾱ x_0 + √(1 − ᾱ) ε with ᾱ = 1/(1 + σ²) (= (x_0 + σ ε)/√(1 + σ²), the
+        σ-space x_σ that diffusers' Euler ``add_noise`` makes, read as the model sees it)."""
+        alpha_bar = (1 + sigma**2).reciprocal()
+        return alpha_bar.sqrt().to(x0.dtype) * x0 + (1 - alpha_bar).sqrt().to(x0.dtype) * noise
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε  [Ho et al. 2020, Eq. 4] at a timestep t that may be fractional (the Euler
         samplers' "linspace" steps): ᾱ_t = 1/(1 + σ_t²) with σ linear in t between training steps, as those samplers
         and diffusers' ``add_noise`` for them read it; on a training step this is the schedule's ᾱ_t."""
         sigma = sigmas_at(self.schedule, torch.as_tensor(t, dtype=torch.float64).reshape(1))[0]
-        alpha_bar = (1 + sigma**2).reciprocal()
-        return alpha_bar.sqrt().to(x0.dtype) * x0 + (1 - alpha_bar).sqrt().to(x0.dtype) * noise
+        return self.noised_to(x0, sigma, noise)
 
     # --- the model the samplers run ----------------------------------------------------------------------
     def _autocast(self):

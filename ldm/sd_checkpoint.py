@@ -4,7 +4,7 @@
       model.diffusion_model.*   ─┐                  unet/            config.json + weights
       first_stage_model.*        ├─ rule tables ─►  vae/             config.json + weights
       cond_stage_model.*        ─┤  (convert/)      text_encoder/    config.json + weights
-      conditioner.embedders.{0,1}.* (SDXL)          text_encoder_2/  (SDXL)
+      conditioner.embedders.{0,1}.* (SDXL)          text_encoder_2/  (SDXL; the refiner's only encoder)
       model_ema.* (optional EMA UNet)               tokenizer/ (tokenizer_2/), scheduler/, model_index.json
 
 Both are read into the same components — config, tokenizers, text encoders, UNet, VAE, notes — that
@@ -39,6 +39,7 @@ from .vae import AutoencoderKL
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2: OpenCLIP's own names, q/k/v fused
 SDXL_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")  # CLIP ViT-L, OpenCLIP bigG
+REFINER_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner's one encoder, OpenCLIP bigG, comes first
 # Single-file entries that are not weights of any model: the training schedule's buffers, EMA bookkeeping.
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
                     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -57,17 +58,19 @@ def detect_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint
     SD 2's prediction type (ε or v) is not in the weights: this returns v, as diffusers assumes;
     ``choose_prediction`` refines it from the file's metadata."""
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
-        if all(any(k.startswith(p) for k in state_dict) for p in SDXL_PREFIXES):
+        found = sorted({".".join(k.split(".")[:4]) + "." for k in state_dict if k.startswith("conditioner.")})
+        if set(SDXL_PREFIXES) <= set(found):
             return StableDiffusionConfig.sdxl()
-        found = sorted({".".join(k.split(".")[:4]) for k in state_dict if k.startswith("conditioner.")})
-        raise UnsupportedCheckpoint(f"{source}: an SDXL-style checkpoint with text encoders {', '.join(found)}; only SDXL base "
-                                    f"({' and '.join(SDXL_PREFIXES)}) is supported (the refiner is not)")
+        if found == [REFINER_PREFIX]:
+            return StableDiffusionConfig.sdxl_refiner()
+        raise UnsupportedCheckpoint(f"{source}: an SDXL-style checkpoint with text encoders {', '.join(found)}; known: "
+                                    f"SDXL base ({' and '.join(SDXL_PREFIXES)}), SDXL refiner ({REFINER_PREFIX})")
     conv_in = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         prefixes = sorted({k.split(".")[0] for k in state_dict})
         raise UnsupportedCheckpoint(f"{source} is not a Stable Diffusion checkpoint: no {UNET_PREFIX}input_blocks.0.0.weight; "
                                     f"top-level names found: {', '.join(prefixes[:12])}; "
-                                    "known families: SD 1.x, SD 2.x, SDXL base")
+                                    "known families: SD 1.x, SD 2.x, SDXL base and refiner")
     to_k = state_dict.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     context = None if to_k is None else to_k.shape[1]
     channels = conv_in.shape[1]
@@ -104,7 +107,9 @@ def single_file_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
     """Each component's layout in an original single file, prefix included."""
     layouts = {"unet": unet_layout(config.unet, "original").with_prefix(UNET_PREFIX),
                "vae": vae_layout(config.vae, "original").with_prefix(VAE_PREFIX)}
-    if config.text_2 is not None:
+    if config.text is None:
+        layouts["text_encoder_2"] = text_encoder_layout(config.text_2, "openclip").with_prefix(REFINER_PREFIX)
+    elif config.text_2 is not None:
         layouts["text_encoder"] = text_encoder_layout(config.text, "transformers").with_prefix(SDXL_PREFIXES[0])
         layouts["text_encoder_2"] = text_encoder_layout(config.text_2, "openclip").with_prefix(SDXL_PREFIXES[1])
     elif config.family.startswith("sd2"):
@@ -140,23 +145,27 @@ def has_ema(state_dict: dict[str, torch.Tensor]) -> bool:
 def build_models(config: StableDiffusionConfig) -> dict[str, torch.nn.Module]:
     """The pipeline's models, on the meta device (no memory, no initialisation) until weights are assigned."""
     with torch.device("meta"):
-        models = {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae), "text_encoder": TextEncoder(config.text)}
+        models = {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae)}
+        if config.text is not None:
+            models["text_encoder"] = TextEncoder(config.text)
         if config.text_2 is not None:
             models["text_encoder_2"] = TextEncoder(config.text_2)
     return models
 
 
-def components(config: StableDiffusionConfig, models: dict[str, torch.nn.Module], tokenizers: list[CLIPTokenizer],
-               notes: list[str]) -> dict[str, Any]:
-    """What a loader read, as the keyword arguments of ``StableDiffusion``."""
-    second = dict(tokenizer_2=tokenizers[1], text_encoder_2=models["text_encoder_2"]) if config.text_2 is not None else {}
-    return dict(tokenizer=tokenizers[0], text_encoder=models["text_encoder"], unet=models["unet"], vae=models["vae"],
-                config=config, notes=notes, **second)
+def components(config: StableDiffusionConfig, models: dict[str, torch.nn.Module],
+               tokenizers: tuple[CLIPTokenizer | None, CLIPTokenizer | None], notes: list[str]) -> dict[str, Any]:
+    """What a loader read, as the keyword arguments of ``StableDiffusion``; ``tokenizers`` are the two encoders'
+    (None where there is no such encoder)."""
+    return dict(tokenizer=tokenizers[0], text_encoder=models.get("text_encoder"), tokenizer_2=tokenizers[1],
+                text_encoder_2=models.get("text_encoder_2"), unet=models["unet"], vae=models["vae"], config=config,
+                notes=notes)
 
 
-def bundled_tokenizers(config: StableDiffusionConfig) -> list[CLIPTokenizer]:
+def bundled_tokenizers(config: StableDiffusionConfig) -> tuple[CLIPTokenizer | None, CLIPTokenizer | None]:
     """Single files carry no tokenizer: CLIP's vocabulary is bundled; SDXL's second encoder pads with zeros."""
-    return [CLIPTokenizer.from_bundled(pad=config.pad)] + ([CLIPTokenizer.from_bundled(pad="zero")] if config.text_2 else [])
+    return (CLIPTokenizer.from_bundled(pad=config.pad) if config.text else None,
+            CLIPTokenizer.from_bundled(pad="zero") if config.text_2 else None)
 
 
 def pipeline_models(pipe) -> dict[str, torch.nn.Module]:
@@ -198,54 +207,62 @@ def save_single_file(pipe, path: str | Path) -> Path:
     state: dict[str, torch.Tensor] = {}
     for name, model in pipeline_models(pipe).items():
         exported = export_state_dict(model, layouts[name])
-        state |= to_openclip(exported) if layouts[name].prefix in (OPENCLIP_PREFIX, SDXL_PREFIXES[1]) else exported
+        state |= to_openclip(exported) if layouts[name].prefix in (OPENCLIP_PREFIX, SDXL_PREFIXES[1], REFINER_PREFIX) \
+            else exported
     atomic_save_safetensors({k: v.contiguous() for k, v in state.items()}, path)
     return path
 
 
 # --- diffusers folders ---------------------------------------------------------------------------
-def family_of(unet: UNetConfig) -> str:
-    """SDXL is the UNet with added (pooled text, size) conditioning; SD 2 has linear projections in its
-    transformer blocks, SD 1 1×1 convolutions."""
+def family_of(unet: UNetConfig, first_encoder: bool = True) -> str:
+    """SDXL is the UNet with added (pooled text, size) conditioning, its refiner that without the first text
+    encoder; SD 2 has linear projections in its transformer blocks, SD 1 1×1 convolutions."""
     if unet.added_cond_dim:
-        return "sdxl"
+        return "sdxl" if first_encoder else "sdxl-refiner"
     return ("sd2" if unet.linear_projection else "sd1") + ("-inpainting" if unet.in_channels == 9 else "")
 
 
 def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, prediction: str | None = None) -> dict[str, Any]:
     """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``,
-    and for SDXL ``text_encoder_2/``, ``tokenizer_2/``); the prediction type comes from ``scheduler_config.json``
-    unless ``prediction`` overrides it."""
+    and for SDXL ``text_encoder_2/``, ``tokenizer_2/``; the SDXL refiner has only the latter pair); the prediction
+    type comes from ``scheduler_config.json`` unless ``prediction`` overrides it."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
     unet_cfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
     vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
-    text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
-    tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer")]
-    sdxl = {}
+    first = (folder / "text_encoder").is_dir()
+    text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json")) if first else None
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer") if first else None
+    tokenizer_2, sdxl = None, {}
     if (folder / "text_encoder_2").is_dir():  # SDXL's pipeline reads both encoders' raw penultimate states
         penultimate = dict(output_layer=-2, final_norm_on_hidden=False)
-        text_cfg = text_cfg.with_(**penultimate)
+        if text_cfg is not None:
+            text_cfg = text_cfg.with_(**penultimate)
         text_2 = text_encoder_config_from_transformers(read_json(folder / "text_encoder_2" / "config.json")).with_(**penultimate)
-        tokenizers.append(CLIPTokenizer.from_pretrained(folder / "tokenizer_2"))
-        sdxl = dict(text_2=text_2, zero_uncond=index.get("force_zeros_for_empty_prompt", True))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+        sdxl = dict(text_2=text_2, zero_uncond=index.get("force_zeros_for_empty_prompt", True),
+                    requires_aesthetics_score=index.get("requires_aesthetics_score", False))
+    elif not first:
+        raise CheckpointError(f"{folder} has no text encoder (neither text_encoder/ nor text_encoder_2/)")
     sampling = sampling_from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
     why = "the folder's scheduler_config.json"
     if prediction is not None:
         sampling, why = sampling.with_(prediction=prediction), "set by the caller"
     size = read_json(folder / "unet" / "config.json").get("sample_size", 64) * vae_cfg.downsample_factor
-    config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad="zero" if tokenizers[0].pad_id == 0 else "eos",
-                                   family=family_of(unet_cfg), size=size, sampling=sampling, **sdxl)
+    pad = "zero" if (tokenizer or tokenizer_2).pad_id == 0 else "eos"
+    config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad=pad, family=family_of(unet_cfg, first),
+                                   size=size, sampling=sampling, **sdxl)
     models = build_models(config)
     for name, model in models.items():
         path = weight_file(folder / name, WEIGHT_STEMS[name], variant, what=name)
         import_state_dict(model, load_state_dict_file(path), folder_layouts(config)[name], str(path), assign=True)
-    return components(config, models, tokenizers, [f"prediction: {config.prediction} ({why})"])
+    return components(config, models, (tokenizer, tokenizer_2), [f"prediction: {config.prediction} ({why})"])
 
 
 def folder_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
-    layouts = {"unet": unet_layout(config.unet, "diffusers"), "vae": vae_layout(config.vae, "diffusers"),
-               "text_encoder": text_encoder_layout(config.text, "transformers")}
+    layouts = {"unet": unet_layout(config.unet, "diffusers"), "vae": vae_layout(config.vae, "diffusers")}
+    if config.text is not None:
+        layouts["text_encoder"] = text_encoder_layout(config.text, "transformers")
     return layouts | ({"text_encoder_2": text_encoder_layout(config.text_2, "transformers")} if config.text_2 else {})
 
 
@@ -253,26 +270,32 @@ def save_diffusers_folder(pipe, folder: str | Path) -> Path:
     """Write the pipeline as a diffusers folder that diffusers' ``from_pretrained`` loads."""
     folder = Path(folder)
     c = pipe.config
-    pipeline_class = "StableDiffusionXLPipeline" if c.text_2 else \
+    # the refiner is diffusers' img2img pipeline: its only pipeline that runs without the first encoder
+    pipeline_class = "StableDiffusionXLImg2ImgPipeline" if c.text is None else "StableDiffusionXLPipeline" if c.text_2 else \
         "StableDiffusionInpaintPipeline" if c.inpainting else "StableDiffusionPipeline"
+    first = [["transformers", "CLIPTextModel"], ["transformers", "CLIPTokenizer"]] if c.text else [[None, None]] * 2
     index = {"_class_name": pipeline_class, "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": first[0], "tokenizer": first[1],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
     if c.text_2:
         index |= {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                   "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": c.zero_uncond}
     else:
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    if c.requires_aesthetics_score:
+        index["requires_aesthetics_score"] = True
     configs = {"model_index.json": index, "scheduler/scheduler_config.json": sampling_to_diffusers(c.sampling),
                "unet/config.json": unet_config_to_diffusers(c.unet) | {"sample_size": c.size // c.vae.downsample_factor},
-               "vae/config.json": vae_config_to_diffusers(c.vae),
-               "text_encoder/config.json": text_encoder_config_to_transformers(c.text)}
+               "vae/config.json": vae_config_to_diffusers(c.vae)}
+    if c.text:
+        configs["text_encoder/config.json"] = text_encoder_config_to_transformers(c.text)
     if c.text_2:
         configs["text_encoder_2/config.json"] = text_encoder_config_to_transformers(c.text_2)
     for name, cfg in configs.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(cfg, indent=2))
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    if pipe.tokenizer is not None:
+        pipe.tokenizer.save_pretrained(folder / "tokenizer")
     if pipe.tokenizer_2 is not None:
         pipe.tokenizer_2.save_pretrained(folder / "tokenizer_2")
     layouts = folder_layouts(c)

@@ -29,13 +29,15 @@ class StableDiffusionConfig:
 
     unet: UNetConfig
     vae: VAEConfig = field(default_factory=VAEConfig.sd)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig.clip_vit_l14)
+    text: TextEncoderConfig | None = field(default_factory=TextEncoderConfig.clip_vit_l14)  # None: only text_2 (refiner)
     sampling: SamplingConfig = field(default_factory=SamplingConfig.stable_diffusion)
     pad: Literal["eos", "zero"] = "eos"
     family: str = "sd1"
     size: int = 512  # the image side the model was trained at: the default width and height
     text_2: TextEncoderConfig | None = None  # SDXL's second text encoder (OpenCLIP bigG), padded with zeros
     zero_uncond: bool = False  # no negative prompt → an all-zero unconditional context (SDXL's force_zeros_for_empty_prompt)
+    # SDXL's size ids end in an aesthetic score instead of the target size (the refiner; diffusers' flag of this name)
+    requires_aesthetics_score: bool = False
 
     @classmethod
     def sd15(cls) -> "StableDiffusionConfig":
@@ -65,6 +67,18 @@ class StableDiffusionConfig:
                    text=TextEncoderConfig.clip_vit_l14_sdxl(), text_2=TextEncoderConfig.openclip_vit_bigg14(),
                    sampling=SamplingConfig.stable_diffusion().with_(spacing="leading"), zero_uncond=True, family="sdxl",
                    size=1024)
+
+    @classmethod
+    def sdxl_refiner(cls) -> "StableDiffusionConfig":
+        """SDXL refiner 1.0  [Podell et al. 2023, §2.5]: a second stage that denoises the base's last steps (or
+        img2img at low strength). Only the OpenCLIP bigG encoder (a 1280-wide context, its pooled output), a 4-level
+        UNet (2,259,526,660 parameters) of 384·(1, 2, 4, 4) channels with 4-deep transformers at the middle two levels and in the middle, and
+        five size ids: original size, crop corner and an aesthetic score (6 for the prompt, 2.5 for the negative),
+        so 1280 + 5·256 = 2560 added features. Its model_index.json sets force_zeros_for_empty_prompt false."""
+        unet = UNetConfig.sdxl().with_(channels=384, channel_mult=(1, 2, 4, 4), attention=(False, True, True, False),
+                                       transformer_depth=4, context_dim=1280, added_cond_dim=2560)
+        return cls.sdxl().with_(unet=unet, text=None, pad="zero", zero_uncond=False, family="sdxl-refiner",
+                                requires_aesthetics_score=True)
 
     def with_(self, **changes) -> "StableDiffusionConfig":
         """Replace fields; ``SamplingConfig`` fields (prediction, spacing …) may be given directly."""

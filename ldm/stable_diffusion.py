@@ -11,6 +11,7 @@ Latents stay in float32 between steps whatever the weights' dtype; the UNet sees
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from itertools import islice
 from typing import Iterator, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from PIL import Image
 from .attention import set_attention_chunk
 from .conditioning import Conditioning
 from .perf import enable_fast_cpu
-from .samplers import StepRecord, get_sampler, randn
+from .samplers import StepRecord, get_sampler, randn, resolve_sampler, run_to_end
 from .samplers.common import Generators
 from .sampling import Output, Pipeline, SamplingConfig, generators
 from .schedule import NoiseSchedule
@@ -43,12 +44,18 @@ class StableDiffusion(Pipeline):
     default_sampler = "dpm++2m"
     default_steps = 25
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: TextEncoder, unet: UNet, vae: AutoencoderKL,
+    def __init__(self, tokenizer: CLIPTokenizer | None, text_encoder: TextEncoder | None, unet: UNet, vae: AutoencoderKL,
                  config: StableDiffusionConfig, tokenizer_2: CLIPTokenizer | None = None,
                  text_encoder_2: TextEncoder | None = None, notes: Sequence[str] = ()):
         if (config.text_2 is None) != (text_encoder_2 is None) or (text_encoder_2 is None) != (tokenizer_2 is None):
             raise ValueError("a second text encoder and tokenizer go together with config.text_2 (SDXL), or none of them")
-        pairs = {"unet": (unet.config, config.unet), "vae": (vae.config, config.vae), "text": (text_encoder.config, config.text)}
+        if (config.text is None) != (text_encoder is None) or (text_encoder is None) != (tokenizer is None) or \
+                (text_encoder is None and text_encoder_2 is None):
+            raise ValueError("a text encoder and tokenizer go together with config.text, or none of them when there is "
+                             "a second (the SDXL refiner)")
+        pairs = {"unet": (unet.config, config.unet), "vae": (vae.config, config.vae)}
+        if text_encoder is not None:
+            pairs["text"] = (text_encoder.config, config.text)
         if text_encoder_2 is not None:
             pairs["text_2"] = (text_encoder_2.config, config.text_2)
         for name, (built, said) in pairs.items():
@@ -114,7 +121,7 @@ class StableDiffusion(Pipeline):
     def embed_prompts(self, prompts: Prompt, clip_skip: int = 1,
                       chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts → (context (B, K·77, D), pooled (B, P) or None). SDXL concatenates its two encoders' states
-        along D and pools with the second one.
+        along D and pools with the second one; the refiner has only the second.
 
         With ``prompt_syntax`` (the default) a prompt is read in A1111's syntax (``ldm.prompts``): (weights),
         [weights], (text:w), BREAK, and K ≥ ``chunks`` chunks of 75 tokens, each encoded as a prompt of its own
@@ -127,12 +134,14 @@ class StableDiffusion(Pipeline):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         chunks = max(chunks, self.chunk_count(prompts))
         with self._autocast():
-            context, _ = self._encode(self.tokenizer, self.text_encoder, prompts, clip_skip, chunks, pooled=False)
-            if self.text_encoder_2 is None:
-                return context.to(self.dtype), None
-            second, pooled = self._encode(self.tokenizer_2, self.text_encoder_2, prompts, clip_skip, chunks,
-                                          pooled=True)
-            return torch.cat([context, second], dim=-1).to(self.dtype), pooled.to(self.dtype)
+            contexts, pooled = [], None
+            if self.text_encoder is not None:
+                contexts.append(self._encode(self.tokenizer, self.text_encoder, prompts, clip_skip, chunks, pooled=False)[0])
+            if self.text_encoder_2 is not None:
+                second, pooled = self._encode(self.tokenizer_2, self.text_encoder_2, prompts, clip_skip, chunks,
+                                              pooled=True)
+                contexts.append(second)
+            return torch.cat(contexts, dim=-1).to(self.dtype), None if pooled is None else pooled.to(self.dtype)
 
     def chunk_count(self, prompts: list[str]) -> int:
         """How many 77-token chunks the longest of the prompts takes, by either tokenizer (1 without
@@ -177,25 +186,32 @@ class StableDiffusion(Pipeline):
         return (n, self.vae.config.latent_channels, height // f, width // f)
 
     def condition(self, prompts: list[str], negatives: list[str] | None, guidance_scale: float, width: int,
-                  height: int, clip_skip: int = 1) -> tuple[Conditioning, Conditioning | None]:
+                  height: int, clip_skip: int = 1, aesthetic_score: float = 6.0,
+                  negative_aesthetic_score: float = 2.5) -> tuple[Conditioning, Conditioning | None]:
         """The prompts as a ``Conditioning`` and, when guided, the negative prompts' (``negatives`` None: an all-zero
         unconditional context, SDXL's ``force_zeros_for_empty_prompt``), both with as many 77-token chunks as the
-        longest of either takes (the shorter padded with empty chunks, as A1111 does). SDXL's size ids — original
-        size, crop corner, target size  [Podell et al. 2023, §2.2] — are the same in both."""
+        longest of either takes (the shorter padded with empty chunks, as A1111 does). SDXL's size ids  [Podell et
+        al. 2023, §2.2] — original size, crop corner, target size — are the same in both; the refiner's (§2.5) end
+        in an aesthetic score instead, high for the prompt and low for the negative, so guidance steers away from
+        low-rated images."""
         chunks = self.chunk_count(prompts + (negatives or []) if guidance_scale != 1.0 else prompts)
         context, pooled = self.embed_prompts(prompts, clip_skip, chunks)
-        size_ids = None
-        if self.unet.config.added_cond_dim:
-            size_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
-            size_ids = size_ids.expand(len(prompts), -1)
-        cond = Conditioning(context=context, pooled=pooled, size_ids=size_ids)
+
+        def size_ids(score: float) -> torch.Tensor | None:
+            if not self.unet.config.added_cond_dim:
+                return None
+            last = [score] if self.config.requires_aesthetics_score else [height, width]
+            ids = torch.tensor([[height, width, 0, 0, *last]], device=self.device, dtype=self.dtype)
+            return ids.expand(len(prompts), -1)
+
+        cond = Conditioning(context=context, pooled=pooled, size_ids=size_ids(aesthetic_score))
         if guidance_scale == 1.0:
             return cond, None
         if negatives is None:
             context, pooled = torch.zeros_like(context), None if pooled is None else torch.zeros_like(pooled)
         else:
             context, pooled = self.embed_prompts(negatives, clip_skip, chunks)
-        return cond, Conditioning(context=context, pooled=pooled, size_ids=size_ids)
+        return cond, Conditioning(context=context, pooled=pooled, size_ids=size_ids(negative_aesthetic_score))
 
     @torch.inference_mode()
     def loop(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, width: int | None = None,
@@ -203,7 +219,8 @@ class StableDiffusion(Pipeline):
              sampler: str | None = None, seed: int | torch.Generator = 0, seeds: Sequence[int] | None = None,
              num_images_per_prompt: int = 1, strength: float = 1.0, image: ImageInput | None = None,
              mask: ImageInput | None = None, x_T: torch.Tensor | None = None, guidance_rescale: float = 0.0,
-             clip_skip: int = 1, **options) -> Iterator[StepRecord]:
+             clip_skip: int = 1, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+             **options) -> Iterator[StepRecord]:
         """The reverse process as a generator of per-step records (latents, x̂_0) — ``__call__`` runs it to the end.
 
         ``image`` with ``strength`` < 1 is image-to-image (SDEdit  [Meng et al. 2022]); ``image`` with ``mask``
@@ -212,7 +229,8 @@ class StableDiffusion(Pipeline):
         ``seed + k``: its CPU generator draws its VAE posterior sample (img2img) and then its x_T, in diffusers'
         order, so seeds match its images (diffusers given a list of generators). ``guidance_rescale`` (φ, e.g. 0.7
         for zero-terminal-SNR v-models) tempers strong guidance. ``clip_skip`` k reads the text encoders k − 1
-        blocks early (``embed_prompts``). ``options`` go to the sampler.
+        blocks early (``embed_prompts``). ``aesthetic_score`` and ``negative_aesthetic_score`` are the SDXL refiner's
+        (``condition``; other models have no such input). ``options`` go to the sampler.
         """
         sampler, steps = sampler or self.default_sampler, num_inference_steps or self.default_steps
         loop = get_sampler(sampler)
@@ -227,7 +245,7 @@ class StableDiffusion(Pipeline):
         g = generators(len(prompts), seed, seeds)
         zero_uncond = self.config.zero_uncond and negative_prompt is None
         cond, uncond = self.condition(prompts, None if zero_uncond else negatives, guidance_scale, width, height,
-                                      clip_skip)
+                                      clip_skip, aesthetic_score, negative_aesthetic_score)
         # an ordinary (4-channel) UNet repaints by putting the known region back after every step (``repaint``)
         blend = mask is not None and not self.config.inpainting
         # diffusers' order of draws: the image's posterior sample, ε, then the masked image's posterior sample
@@ -243,14 +261,12 @@ class StableDiffusion(Pipeline):
         records = loop(self.denoiser(guidance_scale, uncond, guidance_rescale), self.schedule, x_T, cond=cond,
                        generator=g, num_inference_steps=steps, **kwargs)
         if blend:
-            if "timesteps" not in kwargs:  # a σ schedule picks its steps inside the sampler: no levels to blend at
-                raise ValueError("inpainting with a sigma schedule needs an inpainting checkpoint; use sigmas=None")
             randn(shape, g, "cpu")  # diffusers encodes the masked image for a 4-channel UNet too, unused: same draws
-            records = self.repaint(records, z0, noise, self.masks(mask, shape)[1], kwargs["timesteps"])
+            records = self.repaint(records, z0, noise, self.masks(mask, shape)[1], self.levels(sampler, steps, kwargs))
         yield from records
 
     def repaint(self, records: Iterator[StepRecord], z0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
-                timesteps: torch.Tensor) -> Iterator[StepRecord]:
+                sigmas: torch.Tensor) -> Iterator[StepRecord]:
         """Inpainting with an ordinary UNet: after each step s of the run, the known region (mask 0) is replaced by
         the image's latents z_0 noised to the level the next step starts from, with the ε that x_T was made of,
 
@@ -258,25 +274,80 @@ class StableDiffusion(Pipeline):
 
         as diffusers' StableDiffusionInpaintPipeline does for a 4-channel UNet (the "replacement" method of
         [Song et al. 2021, App. I.2]; RePaint [Lugmayr et al. 2022] without its resampling). m is the mask at
-        latent size (``masks``), s the next of ``timesteps`` (``noised``: fractional ones too). The sampler
-        continues from the x_prev it yielded, so the blend is written into it."""
-        last = len(timesteps) - 1
+        latent size (``masks``), s the next step of the run, ᾱ_s = 1/(1 + σ_s²) from ``sigmas``, the run's noise levels
+        (``levels``: at its timesteps, fractional ones too, or its σ schedule's). The sampler continues from the x_prev
+        it yielded, so the blend is written into it."""
+        last = len(sigmas) - 1
         for record in records:
-            known = self.noised(z0, timesteps[record.index + 1], noise) if record.index < last else z0
+            known = self.noised_to(z0, sigmas[record.index + 1], noise) if record.index < last else z0
             record.x_prev.copy_(mask * record.x_prev + (1 - mask) * known)
             yield record
 
-    def __call__(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, progress: bool = True,
-                 output: Output = "pil", **options) -> list[Image.Image] | torch.Tensor:
+    def __call__(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, refiner: StableDiffusion | None = None,
+                 refine_from: float = 0.8, progress: bool = True, output: Output = "pil",
+                 **options) -> list[Image.Image] | torch.Tensor:
         """Text (and optionally image) to images: one per prompt × num_images_per_prompt, as PIL images (or one
         tensor in [−1, 1] with ``output="tensor"``).
 
         Options as in ``loop``: width, height (multiples of 8), num_inference_steps, guidance_scale,
         guidance_rescale, clip_skip, sampler ("dpm++2m", "euler_a", "euler", "ddim", "ddpm"), seed or seeds,
-        num_images_per_prompt, image + strength (img2img), image + mask (inpainting), x_T.
+        num_images_per_prompt, image + strength (img2img), image + mask (inpainting), x_T. With an SDXL
+        ``refiner`` this model runs the first ``refine_from`` of the denoising and the refiner the rest
+        (``denoise_until``, ``refine``), with the same options.
         """
+        if refiner is not None:
+            check_refiner(refiner)
+            latents = self.denoise_until(refine_from, prompt, negative_prompt, progress=progress, **options)
+            return refiner.refine(latents, prompt, negative_prompt, refine_from=refine_from, progress=progress,
+                                  output=output, **options)
         total = self.steps_run(options.get("num_inference_steps"), options.get("strength", 1.0), options.get("image"))
         return self.run(self.loop(prompt, negative_prompt, **options), total, progress, output)
+
+    def handoff(self, refine_from: float, options: dict) -> tuple[torch.Tensor, int]:
+        """(the timesteps of a run with ``options``, k): a two-stage run hands over after the first k steps, those
+        at timesteps t ≥ t_c = round(T · (1 − refine_from)), the base denoising from T to t_c and the refiner from
+        there — the "ensemble of expert denoisers"  [Podell et al. 2023, §2.5; Balaji et al. 2022], cut where
+        diffusers' ``denoising_end`` / ``denoising_start`` cut it, so that the two stages share one schedule."""
+        if not 0.0 < refine_from < 1.0:
+            raise ValueError(f"refine_from must be in (0, 1) (the fraction of the denoising the base runs), got {refine_from}")
+        sampler = options.get("sampler") or self.default_sampler
+        steps = options.get("num_inference_steps") or self.default_steps
+        if resolve_sampler(sampler, options.get("sigmas"))[1] is not None:
+            raise ValueError(f"a two-stage run splits the sampler's timesteps; {sampler!r} with a sigma schedule picks its own")
+        timesteps = self.timesteps(sampler, steps, options.get("spacing"))
+        T = self.schedule.num_train_timesteps
+        k = int((timesteps >= int(round(T - refine_from * T))).sum())
+        if not 0 < k < len(timesteps):
+            raise ValueError(f"refine_from={refine_from} with {steps} steps leaves one stage no step (timesteps "
+                             f"{timesteps.tolist()}); move it or take more steps")
+        return timesteps, k
+
+    def denoise_until(self, refine_from: float, prompt: Prompt, negative_prompt: Prompt | None = None, *,
+                      progress: bool = True, **options) -> torch.Tensor:
+        """The base stage of a two-stage run: text to image stopped after the first ``refine_from`` of the
+        denoising (``handoff``); the latents x_t at the hand-over timestep (model space), for ``refine``."""
+        if options.get("image") is not None or options.get("x_T") is not None:
+            raise ValueError("the base stage of a two-stage run is text-to-image: no image or x_T")
+        _, k = self.handoff(refine_from, options)
+        records = islice(self.loop(prompt, negative_prompt, **options), k)
+        return run_to_end(records, k, progress, "base").x_prev
+
+    def refine(self, image: ImageInput, prompt: Prompt, negative_prompt: Prompt | None = None, *, strength: float = 0.3,
+               refine_from: float | None = None, progress: bool = True, output: Output = "pil",
+               **options) -> list[Image.Image] | torch.Tensor:
+        """The refiner's pass: add detail to ``image`` (PIL, or (B, 3, H, W) in [−1, 1]) by image-to-image at a low
+        ``strength`` (diffusers' default 0.3); or, with ``refine_from``, finish latents (B, 4, h, w) that
+        ``denoise_until`` stopped part-way, running the timesteps after the hand-over from them as they are.
+        Options as for ``__call__`` (aesthetic_score 6 and negative_aesthetic_score 2.5 by default)."""
+        if refine_from is None:
+            return self(prompt, negative_prompt, image=image, strength=strength, progress=progress, output=output, **options)
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != self.vae.config.latent_channels:
+            raise ValueError("refine_from continues latents (B, 4, h, w) from denoise_until; pass an image without it")
+        timesteps, k = self.handoff(refine_from, options)
+        f = self.vae.config.downsample_factor
+        size = dict(width=image.shape[-1] * f, height=image.shape[-2] * f)
+        records = self.loop(prompt, negative_prompt, x_T=image, timesteps=timesteps[k:], **(options | size))
+        return self.run(records, len(timesteps) - k, progress, output)
 
     def inpaint(self, image: ImageInput, mask: ImageInput, prompt: Prompt, **options) -> list[Image.Image]:
         """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``: an inpainting checkpoint
@@ -364,6 +435,14 @@ class StableDiffusion(Pipeline):
         m, m_latent = self.masks(mask, shape)
         masked_latents = self.encode(pixels * (m < 0.5), g).expand(n, -1, -1, -1)
         return torch.cat([m_latent.expand(n, -1, -1, -1), masked_latents], dim=1)
+
+
+def check_refiner(refiner: StableDiffusion, what: str = "the refiner") -> None:
+    """Refuse a second stage that is no SDXL refiner: it must read the base's latents (SDXL's VAE) and be
+    conditioned as a refiner, which only the refiner's aesthetic-score size ids say."""
+    if not refiner.config.requires_aesthetics_score:
+        raise ValueError(f"{what} is a {refiner.config.family} model, not an SDXL refiner "
+                         "(stable-diffusion-xl-refiner-1.0 or a fine-tune of it)")
 
 
 def _size(image: ImageInput) -> tuple[int, int]:

@@ -19,21 +19,27 @@ LEFT = Image.fromarray(np.where(np.arange(SIZE)[None, :] < SIZE // 2, 255, 0).re
 TOP = LEFT.transpose(Image.Transpose.TRANSPOSE)
 
 
-def diffusers_inpaint(reference, scheduler, spacing):
+def diffusers_inpaint(reference, scheduler, spacing, sigmas=None):
     ref, _ = reference
-    swapped = getattr(diffusers, scheduler).from_config(ref.scheduler.config, timestep_spacing=spacing)
+    flags = {"use_karras_sigmas": True} if sigmas == "karras" else {}
+    swapped = getattr(diffusers, scheduler).from_config(ref.scheduler.config, timestep_spacing=spacing, **flags)
     pipe = diffusers.StableDiffusionInpaintPipeline(**(ref.components | {"scheduler": swapped}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-@pytest.mark.parametrize("sampler, scheduler, strength, spacing", [
-    ("ddim", "DDIMScheduler", 1.0, "leading"), ("euler_a", "EulerAncestralDiscreteScheduler", 1.0, "leading"),
-    ("dpm++2m", "DPMSolverMultistepScheduler", 0.6, "leading"),
-    ("euler", "EulerDiscreteScheduler", 0.6, "linspace"),  # fractional timesteps: x_0 noised to σ between steps
+@pytest.mark.parametrize("sampler, scheduler, strength, spacing, sigmas", [
+    ("ddim", "DDIMScheduler", 1.0, "leading", None),
+    ("euler_a", "EulerAncestralDiscreteScheduler", 1.0, "leading", None),
+    ("dpm++2m", "DPMSolverMultistepScheduler", 0.6, "leading", None),
+    ("euler", "EulerDiscreteScheduler", 0.6, "linspace", None),  # fractional timesteps: x_0 noised to σ between steps
+    # a σ schedule: the known region is noised to the plan's next σ (diffusers' add_noise at its step index)
+    ("euler", "EulerDiscreteScheduler", 0.6, "leading", "karras"),
+    ("dpm++2m", "DPMSolverMultistepScheduler", 1.0, "leading", "karras"),
+    ("dpm++2m", "DPMSolverMultistepScheduler", 0.6, "leading", "karras"),
 ])
-def test_four_channel_inpainting_matches_diffusers(reference, sampler, scheduler, strength, spacing):
-    ref = diffusers_inpaint(reference, scheduler, spacing)
+def test_four_channel_inpainting_matches_diffusers(reference, sampler, scheduler, strength, spacing, sigmas):
+    ref = diffusers_inpaint(reference, scheduler, spacing, sigmas)
     ours = load_pipeline(reference[1])
     ours.sampling = ours.sampling.with_(spacing=spacing)
     assert not ours.config.inpainting
@@ -42,8 +48,8 @@ def test_four_channel_inpainting_matches_diffusers(reference, sampler, scheduler
                                     generator=torch.Generator().manual_seed(0)).images).permute(0, 3, 1, 2) * 2 - 1
 
     def run(**changes):
-        return our_images(ours, **(dict(prompt="a cat", image=IMAGE, mask=LEFT, sampler=sampler, strength=strength)
-                                   | changes))
+        return our_images(ours, **(dict(prompt="a cat", image=IMAGE, mask=LEFT, sampler=sampler, strength=strength,
+                                        sigmas=sigmas) | changes))
 
     error, moved = assert_parity(run, expected, TOL, prompt="a dog", guidance=1.0, mask=TOP)
     assert rel(run(), expected) < 1e-3

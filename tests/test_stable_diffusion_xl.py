@@ -105,10 +105,12 @@ def test_diffusers_from_single_file_reads_what_ldm_writes(sdxl, tmp_path):
                   prompt="a windmill", guidance=1.0, negative_prompt="")
 
 
-def test_refiner_and_unknown_conditioners_are_named():
+def test_unknown_conditioners_are_named():
     from ldm.sd_checkpoint import UnsupportedCheckpoint
 
-    refiner = {"conditioner.embedders.0.model.ln_final.weight": torch.zeros(1),
+    unknown = {"conditioner.embedders.0.model.ln_final.weight": torch.zeros(1),
+               "conditioner.embedders.1.transformer.final_layer_norm.weight": torch.zeros(1),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 3, 3)}
-    with pytest.raises(UnsupportedCheckpoint, match="conditioner.embedders.0.model; only SDXL base"):
-        detect_config(refiner)
+    with pytest.raises(UnsupportedCheckpoint, match="conditioner.embedders.0.model., conditioner.embedders.1.transformer.; "
+                                                    "known: SDXL base"):
+        detect_config(unknown)

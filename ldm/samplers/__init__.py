@@ -11,27 +11,33 @@ from ..schedule import NoiseSchedule, Spacing
 from .common import StepRecord, randn, run_to_end
 from .ddim import ddim
 from .ddpm import ddpm
-from .dpm_solver import dpm_solver_sigma_steps, dpm_solver_timesteps, dpmpp_2m, dpmpp_2m_sde
-from .euler import euler, euler_ancestral, euler_timesteps, sigma_steps
+from .dpm_solver import dpm_solver_sigma_steps, dpm_solver_timesteps, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
+from .dpm_sde import dpmpp_sde
+from .euler import euler, euler_ancestral, euler_timesteps, sigma_steps, sigmas_at
 from .guidance import classifier_free_guidance
 from .heun import heun
 from .lms import lms
 from .sigmas import SIGMA_SCHEDULES, SigmaSchedule
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "euler": euler, "euler_a": euler_ancestral,
-            "dpm++2m_sde": dpmpp_2m_sde, "heun": heun, "lms": lms}
+            "dpm++2m_sde": dpmpp_2m_sde, "dpm++3m": dpmpp_3m, "dpm++sde": dpmpp_sde,
+            "heun": heun, "lms": lms}
 # The spacing each sampler's diffusers scheduler class uses when a config does not say (SD 1.5's does not).
 DEFAULT_SPACING: dict[str, Spacing] = {"ddpm": "leading", "ddim": "leading", "dpm++2m": "linspace", "euler": "linspace",
-                                       "euler_a": "linspace", "dpm++2m_sde": "linspace", "heun": "linspace",
-                                       "lms": "linspace"}
-# The samplers that step in σ and so take a σ schedule (``sigmas=``): DPM-Solver's and the Euler family.
-SIGMA_SAMPLERS = ("dpm++2m", "dpm++2m_sde", "euler", "euler_a", "heun", "lms")
+                                       "euler_a": "linspace", "dpm++2m_sde": "linspace", "dpm++3m": "linspace",
+                                       "dpm++sde": "linspace", "heun": "linspace", "lms": "linspace"}
+# The samplers built on DPM-Solver's plan (``dpm_solver_timesteps``, ``dpm_solver_sigma_steps``).
+DPM_SOLVERS = ("dpm++2m", "dpm++2m_sde", "dpm++3m")
+# The samplers that step in σ and so take a σ schedule (``sigmas=``): DPM-Solver's, the Euler family and DPM++ SDE.
+SIGMA_SAMPLERS = ("dpm++2m", "dpm++2m_sde", "dpm++3m", "dpm++sde", "euler", "euler_a", "heun", "lms")
 # The names common UIs (A1111, ComfyUI, diffusers' docs) give them: (sampler, σ schedule).
 ALIASES: dict[str, tuple[str, SigmaSchedule | None]] = {
     "Euler": ("euler", None), "Euler a": ("euler_a", None), "DPM++ 2M": ("dpm++2m", None),
     "DPM++ 2M Karras": ("dpm++2m", "karras"), "DPM++ 2M SDE": ("dpm++2m_sde", None),
-    "DPM++ 2M SDE Karras": ("dpm++2m_sde", "karras"), "Heun": ("heun", None), "LMS": ("lms", None),
-    "LMS Karras": ("lms", "karras"), "DDIM": ("ddim", None),
+    "DPM++ 2M SDE Karras": ("dpm++2m_sde", "karras"),
+    "DPM++ 3M": ("dpm++3m", None), "DPM++ 3M Karras": ("dpm++3m", "karras"),
+    "DPM++ SDE": ("dpm++sde", None), "DPM++ SDE Karras": ("dpm++sde", "karras"), "Heun": ("heun", None),
+    "LMS": ("lms", None), "LMS Karras": ("lms", "karras"), "DDIM": ("ddim", None),
 }
 SAMPLER_NAMES = (*SAMPLERS, *ALIASES)
 
@@ -73,13 +79,26 @@ def sampler_timesteps(name: str, schedule: NoiseSchedule, num_inference_steps: i
     (fractional for the Euler family; ``sigma_steps``, ``dpm_solver_sigma_steps``). Heun's are its S outer steps.
     """
     key, sigmas = resolve_sampler(name, sigmas)
-    if key.startswith("dpm++2m"):
+    if key in DPM_SOLVERS:
         if sigmas is not None:
             return dpm_solver_sigma_steps(schedule, num_inference_steps, sigmas)[0]
         return dpm_solver_timesteps(schedule, num_inference_steps, spacing, steps_offset)
     if key in SIGMA_SAMPLERS:
         return sigma_steps(schedule, num_inference_steps, spacing, steps_offset, sigmas=sigmas)[0]
     return schedule.timesteps(num_inference_steps, spacing, steps_offset)
+
+
+def sampler_sigmas(name: str, schedule: NoiseSchedule, num_inference_steps: int, spacing: Spacing = "leading",
+                   steps_offset: int = 0, sigmas: SigmaSchedule | None = None) -> torch.Tensor:
+    """σ = √((1 − ᾱ)/ᾱ) at each of the S steps the named sampler visits by default (float64, decreasing): the noise
+    levels image-to-image noises x_0 to (x_t = √ᾱ x_0 + √(1 − ᾱ) ε with ᾱ = 1/(1 + σ²), diffusers' ``add_noise``
+    for its σ-space and DPM-Solver schedulers alike). Without a σ schedule, σ at ``sampler_timesteps``."""
+    key, sigmas = resolve_sampler(name, sigmas)
+    if sigmas is None:
+        return sigmas_at(schedule, sampler_timesteps(key, schedule, num_inference_steps, spacing, steps_offset))
+    if key in DPM_SOLVERS:
+        return dpm_solver_sigma_steps(schedule, num_inference_steps, sigmas)[1]
+    return sigma_steps(schedule, num_inference_steps, spacing, steps_offset, sigmas=sigmas)[1][:-1]
 
 
 def sample(
@@ -110,8 +129,9 @@ def sample(
 
 
 __all__ = [
-    "ALIASES", "DEFAULT_SPACING", "SAMPLERS", "SAMPLER_NAMES", "SIGMA_SAMPLERS", "SIGMA_SCHEDULES", "StepRecord",
-    "classifier_free_guidance", "ddim", "ddpm", "dpm_solver_sigma_steps", "dpm_solver_timesteps", "dpmpp_2m",
-    "dpmpp_2m_sde", "euler", "euler_ancestral", "euler_timesteps", "get_sampler", "heun", "lms", "randn",
-    "resolve_sampler", "run_to_end", "sample", "sampler_timesteps", "sigma_steps",
+    "ALIASES", "DEFAULT_SPACING", "DPM_SOLVERS", "SAMPLERS", "SAMPLER_NAMES", "SIGMA_SAMPLERS", "SIGMA_SCHEDULES",
+    "StepRecord", "classifier_free_guidance", "ddim", "ddpm", "dpm_solver_sigma_steps", "dpm_solver_timesteps",
+    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_sde", "euler", "euler_ancestral", "euler_timesteps", "get_sampler",
+    "heun", "lms", "randn", "resolve_sampler", "run_to_end", "sample", "sampler_sigmas", "sampler_timesteps",
+    "sigma_steps",
 ]

@@ -41,7 +41,7 @@ def sigmas_at(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def sigma_steps(schedule: NoiseSchedule, num_inference_steps: int, spacing: Spacing = "leading", steps_offset: int = 0,
-                timesteps: torch.Tensor | None = None, sigmas: SigmaSchedule | None = None,
+                timesteps: torch.Tensor | None = None, sigmas: SigmaSchedule | None = None, begin: int = 0,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The σ-space samplers' plan: the S timesteps the model is asked at, and σ at each with σ = 0 (the data)
     appended, (S + 1,) float64.
@@ -49,7 +49,8 @@ def sigma_steps(schedule: NoiseSchedule, num_inference_steps: int, spacing: Spac
     Without ``sigmas``, σ follows the timesteps (``euler_timesteps``, or the caller's; σ from ``sigmas_at``).
     A named schedule ("karras", "exponential", "beta": ``sigmas.sigma_schedule``) spaces S σ's between σ at the
     first and at the last of the spacing's timesteps, as diffusers' Euler, Heun and LMS schedulers do, and asks the
-    model at t(σ) (``sigma_to_t``, fractional).
+    model at t(σ) (``sigma_to_t``, fractional). ``begin`` drops the plan's first steps: image-to-image runs the last
+    S − begin steps of the S-step plan (diffusers' ``set_begin_index``), starting from x_0 noised to σ_begin.
     """
     if timesteps is None:
         timesteps = euler_timesteps(schedule, num_inference_steps, spacing, steps_offset)
@@ -59,7 +60,9 @@ def sigma_steps(schedule: NoiseSchedule, num_inference_steps: int, spacing: Spac
     if sigmas is not None:
         sigma = sigma_schedule(sigmas, sigma[0], sigma[-1], len(timesteps))
         timesteps = sigma_to_t(schedule, sigma)
-    return timesteps, torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
+    if not 0 <= begin < len(timesteps):
+        raise ValueError(f"begin must be in [0, {len(timesteps)}), got {begin}")
+    return timesteps[begin:], torch.cat([sigma[begin:], torch.zeros(1, dtype=torch.float64)])
 
 
 def as_timestep(t: float) -> int | float:
@@ -104,6 +107,7 @@ def euler(
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
     sigmas: SigmaSchedule | None = None,
+    begin: int = 0,
     ancestral: bool = False,
 ) -> SamplerLoop:
     """Euler steps of the probability-flow ODE in σ-space  [Karras et al. 2022, Algorithm 2 with S_churn = 0 and
@@ -125,10 +129,10 @@ def euler(
     x_T, the records and the result are in model space (x_t = √ᾱ x_0 + √(1 − ᾱ) ε); x_σ stays inside.
     (diffusers starts "linspace"/"trailing" runs from x_T · σ_max, not x_T · √(1 + σ_max²).)
     ``timesteps`` overrides the visited steps (img2img starts part-way; fractional t allowed); ``sigmas`` names
-    a σ schedule instead ("karras", "exponential", "beta"; see ``sigma_steps``).
+    a σ schedule instead ("karras", "exponential", "beta"; see ``sigma_steps``); ``begin`` starts that plan part-way.
     Yields one ``StepRecord`` per step. Shapes: x_T (B, C, H, W).
     """
-    timesteps, sigmas = sigma_steps(schedule, num_inference_steps, spacing, steps_offset, timesteps, sigmas)
+    timesteps, sigmas = sigma_steps(schedule, num_inference_steps, spacing, steps_offset, timesteps, sigmas, begin)
     x = x_T
     for i, t in enumerate(timesteps.tolist()):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

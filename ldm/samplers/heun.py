@@ -26,6 +26,7 @@ def heun(
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
     sigmas: SigmaSchedule | None = None,
+    begin: int = 0,
 ) -> SamplerLoop:
     """The probability-flow ODE by Heun's method (the explicit trapezoid rule)  [Karras et al. 2022, Algorithm 2
     with S_churn = 0, as diffusers' ``HeunDiscreteScheduler``].
@@ -37,11 +38,12 @@ def heun(
     the Euler step alone (d' would divide by σ' = 0), so S steps cost 2S − 1 model calls. The model is asked
     at t(σ') for the correction: the next step's timestep.
 
-    Takes ``sigma_steps``' plan: ``timesteps`` overrides the visited steps, ``sigmas`` names a σ schedule.
+    Takes ``sigma_steps``' plan: ``timesteps`` overrides the visited steps, ``sigmas`` names a σ schedule, ``begin``
+    starts it part-way (image-to-image).
     Deterministic: ``generator`` is accepted for a common signature and unused. Yields one ``StepRecord`` per
     step (its x̂_0 is the first call's). Shapes: x_T (B, C, H, W), in model space.
     """
-    timesteps, sigmas = sigma_steps(schedule, num_inference_steps, spacing, steps_offset, timesteps, sigmas)
+    timesteps, sigmas = sigma_steps(schedule, num_inference_steps, spacing, steps_offset, timesteps, sigmas, begin)
     ts = timesteps.tolist()
     x = x_T
     for i, t in enumerate(ts):

@@ -47,6 +47,7 @@ def lms(
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
     sigmas: SigmaSchedule | None = None,
+    begin: int = 0,
 ) -> SamplerLoop:
     """The probability-flow ODE dx_σ/dσ = d by an ``order``-step linear multistep method, as diffusers'
     ``LMSDiscreteScheduler`` (order 4).
@@ -56,13 +57,14 @@ def lms(
     The first steps have fewer slopes to reuse, so they start at first order (an Euler step) and climb; the
     extrapolation that makes high orders cheap also makes them unstable for large steps, hence order ≤ 4.
 
-    Takes ``sigma_steps``' plan: ``timesteps`` overrides the visited steps, ``sigmas`` names a σ schedule.
+    Takes ``sigma_steps``' plan: ``timesteps`` overrides the visited steps, ``sigmas`` names a σ schedule, ``begin``
+    starts it part-way (image-to-image).
     Deterministic: ``generator`` is accepted for a common signature and unused. Yields one ``StepRecord`` per
     step. Shapes: x_T (B, C, H, W), in model space.
     """
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
-    timesteps, sigmas = sigma_steps(schedule, num_inference_steps, spacing, steps_offset, timesteps, sigmas)
+    timesteps, sigmas = sigma_steps(schedule, num_inference_steps, spacing, steps_offset, timesteps, sigmas, begin)
     x, slopes = x_T, []  # newest first
     for i, t in enumerate(timesteps.tolist()):
         x0_pred, x_sigma, d = denoise(model, prediction, x, t, sigmas[i], cond, clip_x0)
