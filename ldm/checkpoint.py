@@ -201,7 +201,7 @@ def _refuse_unsafe(path: Path, names: set[str]) -> None:
     refused = sorted(names - set(_weights_only_unpickler._get_allowed_globals()))
     if refused:
         raise CheckpointError(f"refusing to load {path}: its pickle calls {', '.join(refused)}, which no weight file "
-                              "needs; the file may be malicious (do not load it with weights_only=False)")
+                              "needs; the file may be malicious: never load it with torch's safety turned off")
 
 
 def _diagnosis(error: Exception) -> str:
