@@ -79,9 +79,11 @@ def atomic_save_json(data: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
-def atomic_save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """A ``.safetensors`` file through ``atomic_write``."""
-    return atomic_write(path, lambda f: f.write(safetensors.torch.save(state, metadata={"format": "pt"})))
+def atomic_save_safetensors(state: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """A ``.safetensors`` file (with ``metadata`` strings in its header) through ``atomic_write``."""
+    metadata = {"format": "pt"} | (metadata or {})
+    return atomic_write(path, lambda f: f.write(safetensors.torch.save(state, metadata=metadata)))
 
 
 # diffusers / transformers weight files: each component's file stem (.safetensors; the .bin name differs for "model")
@@ -147,6 +149,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     inert stand-in, never imported; any other global is refused by name. safetensors holds no code.
     """
     return load_weight_file(path)[0]
+
+
+def weight_file_keys(path: str | Path) -> list[str]:
+    """The tensor names in a weight file: from a safetensors header without reading the tensors (a 7 GB
+    checkpoint answers at once), from a pickle by loading it as ``load_state_dict_file`` does."""
+    path = _existing_file(path, "weight file")
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safetensors.safe_open(path, "pt") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path} (truncated or corrupt safetensors file): {e}") from e
+    return list(load_state_dict_file(path))
 
 
 def load_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

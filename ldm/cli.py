@@ -21,7 +21,9 @@ from PIL import Image
 
 from .checkpoint import CheckpointError
 from .config import parse_value
+from .convert.lora import describe_lora, looks_like_lora
 from .data import DATASETS, DatasetUnavailableError
+from .embeddings import describe_embedding, looks_like_embedding
 from .images import save_gif, save_grid, save_strip
 from .loading import load_pipeline
 from .loop import TrainingDiverged
@@ -112,6 +114,26 @@ def load(args: argparse.Namespace, path: str | None = None, **options):
     return pipe
 
 
+def lora_option(text: str) -> tuple[str, float]:
+    """An argparse type: FILE or FILE:SCALE (e.g. style.safetensors:0.8); the scale defaults to 1."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:  # a colon that belongs to the path
+        return text, 1.0
+
+
+def add_adapters(pipe, args: argparse.Namespace) -> None:
+    """Attach the command's --lora files (each at its scale) and --embedding files, saying what was loaded."""
+    for path, scale in getattr(args, "lora", None) or ():
+        name = pipe.load_lora(path, scale=scale)
+        layers = sum(len(lora.targets) for lora in pipe.loras[name].values())
+        print(f"LoRA {name}: {layers} layers at scale {scale:g}")
+    for path in getattr(args, "embedding", None) or ():
+        tokens = pipe.load_embedding(path)
+        print(f"embedding {Path(path).name}: use {tokens[0]!r} in the prompt ({len(tokens)} vectors)")
+
+
 def denoise(pipe, records, total: int, trajectory: Path | None, keep: int = 10) -> torch.Tensor:
     """Run ``loop``'s records to the end (progress bar) and decode the result, (B, C, H, W) in [−1, 1].
 
@@ -144,6 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipe = load(args)
     if not isinstance(pipe, DiffusionPipeline):
         raise ValueError(f"{model_path(args)} is a Stable Diffusion checkpoint: use `ldm txt2img`")
+    add_adapters(pipe, args)
     args.n = len(args.seeds) if args.seeds else args.n
     class_label, num_classes = args.class_label, pipe.unet.config.num_classes
     if class_label is None and num_classes:  # a class-conditional model: one column per class
@@ -180,6 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         samples = load_samples_npy(model_path(args))
     else:
         pipe = load(args)
+        add_adapters(pipe, args)
         num_classes = pipe.unet.config.num_classes
         labels = torch.arange(args.n) % num_classes if num_classes else None  # every class equally often
         samples = pipe(args.n, sampler=args.sampler, sigmas=args.sigmas, num_inference_steps=args.steps, seed=args.seed,
@@ -206,6 +230,8 @@ def load_sd(args: argparse.Namespace, path: str | None = None) -> StableDiffusio
         pipe.enable_attention_slicing(args.attention_slice)
     if args.vae_tile is not None:
         pipe.enable_vae_tiling(args.vae_tile)
+    if path is None:  # the refiner takes no adapters of the base
+        add_adapters(pipe, args)
     return pipe
 
 
@@ -252,7 +278,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    report = inspect_checkpoint(model_path(args))
+    path = model_path(args)
+    if looks_like_lora(path) or looks_like_embedding(path):
+        report = describe_lora(path) if looks_like_lora(path) else describe_embedding(path)
+        print(json.dumps(report, indent=2) if args.json else f"{path}: {adapter_summary(report)}")
+        return
+    report = inspect_checkpoint(path)
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -264,6 +295,20 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if report["unrecognised"]:
         shown, more = report["unrecognised"][:20], len(report["unrecognised"]) > 20
         print(f"  unrecognised ({len(report['unrecognised'])}): {', '.join(shown)}{' …' if more else ''}")
+
+
+def adapter_summary(report: dict) -> str:
+    """One line on a LoRA (``describe_lora``) or an embedding (``describe_embedding``)."""
+    if report.get("kind") == "LoRA":
+        parts = ", ".join(f"{name} {count}" for name, count in report["layers"].items())
+        alphas = ", ".join("none (= rank)" if a is None else f"{a:g}" for a in report["alphas"])
+        return (f"LoRA, {report['format']} layout, for {report['family']}; rank {', '.join(map(str, report['ranks']))}, "
+                f"alpha {alphas}; {sum(report['layers'].values())} layers ({parts}), "
+                f"{report['conv_layers']} of them k×k convolutions")
+    widths = ", ".join(f"{name} {width}" for name, width in report["widths"].items())
+    return (f"textual-inversion embedding, {report['format']} format, for {report['family_name'] or 'unknown family'}; "
+            f"token {report['token']!r}, {report['vectors_per_token']} vector(s) per token, width {widths}"
+            + (f", trained {report['step']} steps" if report.get("step") else ""))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -315,6 +360,14 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def add_adapter_options(p: argparse.ArgumentParser, embeddings: bool = True) -> None:
+    p.add_argument("--lora", action="append", type=lora_option, metavar="FILE[:SCALE]",
+                   help="a LoRA file (kohya / A1111 or diffusers layout) at SCALE (default 1); repeat for several")
+    if embeddings:
+        p.add_argument("--embedding", action="append", metavar="FILE", help="a textual-inversion embedding (A1111 "
+                       ".pt/.safetensors, diffusers learned_embeds); its file name becomes a word of the prompt")
+
+
 def add_seeds(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=seed_list, help="one seed per image, e.g. 3,17,42 (their number is the number of "
                    "images); by default image k gets --seed + k, so it is the image that seed gives alone")
@@ -346,6 +399,7 @@ def add_sample_commands(sub) -> None:
     add_model(s, "run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
     add_sampling(s, "ddim", 50, 1.0, 64)
     add_seeds(s)
+    add_adapter_options(s, embeddings=False)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
     s.add_argument("--batch-size", type=number(int, 1), default=128,
                    help="samples per UNet batch (lower it to save memory: a 256×256 DDPM model needs about 0.3 GB per sample)")
@@ -364,6 +418,7 @@ def add_sample_commands(sub) -> None:
                               "distance on the classifier's features and, for class-conditional runs, label accuracy.")
     add_model(e, "run directory / checkpoint (samples are drawn) or a samples .npy in [0, 1]")
     add_sampling(e, "ddim", 50, 1.0, 1000)
+    add_adapter_options(e, embeddings=False)
     e.set_defaults(func=cmd_evaluate)
 
 
@@ -393,6 +448,7 @@ def add_generate_commands(sub) -> None:
             p.add_argument("--mask", required=True, help="grayscale mask, white = repaint, same size as the image")
         add_sampling(p, "dpm++2m", 25, 7.5, 1)
         add_seeds(p)
+        add_adapter_options(p)
         p.add_argument("--guidance-rescale", type=float, default=0.0,
                        help="φ in [0, 1]: temper strong guidance (0.7 suits zero-terminal-SNR v-models)")
         p.add_argument("--clip-skip", type=int, default=1, help="read the text encoders N−1 blocks early (2: A1111's "
@@ -410,8 +466,8 @@ def add_generate_commands(sub) -> None:
                        "say (SD 2 single files; the loader prints what it chose and why)")
         p.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="what a Stable Diffusion checkpoint holds")
-    add_model(i, "single file or diffusers folder")
+    i = sub.add_parser("inspect", help="what a Stable Diffusion checkpoint, LoRA or embedding file holds")
+    add_model(i, "single file, diffusers folder, LoRA or textual-inversion embedding")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
@@ -422,6 +478,75 @@ def add_generate_commands(sub) -> None:
     c.add_argument("--raw-weights", action="store_true", help="single files: the non-EMA UNet weights")
     c.add_argument("--prediction", choices=("eps", "v"), help="ε or v, written into the folder's scheduler config")
     c.set_defaults(func=cmd_convert)
+
+
+# --- ldm finetune ---------------------------------------------------------------------------------------------
+FINETUNE_FIELDS = ("data", "method", "caption", "class_data", "class_caption", "prior_weight", "limit", "resolution",
+                   "rank", "alpha", "targets", "train_text_encoder", "token", "init_word", "vectors", "min_snr_gamma",
+                   "gradient_checkpointing", "grad_accum", "diffusers_format", "sample_prompt", "sample_n",
+                   "sample_steps", "sample_every_minutes")
+FINETUNE_LOOP_FIELDS = ("steps", "max_minutes", "lr", "batch_size", "mixed_precision", "ema_decay", "seed")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """LoRA, textual inversion or full fine-tuning of any model ldm loads, on a folder of images (``ldm.finetune``)."""
+    from .finetune import FinetuneConfig, finetune
+
+    if args.steps is None and args.max_minutes is None:
+        raise ValueError("give a budget: --steps N and/or --max-minutes M")
+    if args.resume and not (Path(args.out) / CHECKPOINT).exists():
+        raise ValueError(f"--resume: no {CHECKPOINT} in {args.out} (drop --resume to start a new run there)")
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    config = FinetuneConfig(checkpoint=model_path(args), **{name: getattr(args, name) for name in FINETUNE_FIELDS})
+    config = config.with_(**{k: v for k in FINETUNE_LOOP_FIELDS if (v := getattr(args, k)) is not None})
+    tuner = finetune(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    print(f"fine-tuned to step {tuner.step}; run directory {tuner.out_dir}\n{tuner.usage()}")
+
+
+def add_finetune_command(sub) -> None:
+    f = sub.add_parser("finetune", help="adapt a model to your own images: LoRA, textual inversion or full",
+                       epilog="--data is a folder of images (captions in same-named .txt files, or one --caption for "
+                              "all) or mnist-bundled:D (the bundled MNIST test set's digit D). An OUT that already holds "
+                              "a run is refused unless you add --resume or --overwrite.")
+    add_model(f, "the base: SD single file or diffusers folder, or an `ldm train` run directory")
+    f.add_argument("--data", required=True, help="folder of images (+ .txt captions), or mnist-bundled:D")
+    f.add_argument("--method", choices=("lora", "textual-inversion", "full"), default="lora")
+    f.add_argument("--out", required=True, help="run directory (checkpoint, outputs, sample grids)")
+    f.add_argument("--steps", type=number(int, 1), help="stop at this many optimizer steps (total, counting resumed ones)")
+    f.add_argument("--max-minutes", type=number(float, 0, inclusive=False), help="stop after this many minutes")
+    f.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    f.add_argument("--overwrite", action="store_true", help="start the run in OUT over")
+    f.add_argument("--caption", help='one caption for every image, e.g. "a photo of sks dog" (DreamBooth)')
+    f.add_argument("--class-data", help="prior preservation: a folder of images of the class (or mnist-bundled:D)")
+    f.add_argument("--class-caption", help='their caption, e.g. "a photo of a dog"')
+    f.add_argument("--prior-weight", type=number(float, 0), default=1.0, help="λ, the class images' loss weight")
+    f.add_argument("--limit", type=number(int, 1), help="use at most this many images of each folder")
+    f.add_argument("--resolution", type=number(int, 8), help="image side (default: the model's); resized "
+                   "keeping the aspect ratio, then center-cropped")
+    f.add_argument("--rank", type=number(int, 1), default=4, help="LoRA rank r")
+    f.add_argument("--alpha", type=number(float, 0, inclusive=False), help="LoRA α (default: r)")
+    f.add_argument("--targets", choices=("attention", "transformer", "attention+conv"),
+                   help="layers LoRA adapts (default: attention for SD, attention+conv for toy runs)")
+    f.add_argument("--train-text-encoder", action="store_true", help="SD: also train the text encoder(s)")
+    f.add_argument("--token", default="<sks>", help="textual inversion: the new word")
+    f.add_argument("--init-word", help="textual inversion: start from this word's embedding (toy runs: a class label)")
+    f.add_argument("--vectors", type=number(int, 1), default=1, help="textual inversion: vectors per token")
+    f.add_argument("--lr", type=number(float, 0, inclusive=False), help="learning rate (default: per method)")
+    f.add_argument("--batch-size", type=number(int, 1), help="images per step (default 1 for SD, 8 for toy runs)")
+    f.add_argument("--grad-accum", type=number(int, 1), default=1, help="batches per optimizer step")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute")
+    f.add_argument("--mixed-precision", choices=("no", "bf16", "fp16", "auto"), help="autocast (default no)")
+    f.add_argument("--ema-decay", type=number(float, 0), help="EMA of the trained weights (default 0: none)")
+    f.add_argument("--min-snr-gamma", type=number(float, 0, inclusive=False), help="Min-SNR-γ loss weighting")
+    f.add_argument("--seed", type=int)
+    f.add_argument("--sample-prompt", help="SD: the prompt of the sample grids (default: the first caption)")
+    f.add_argument("--sample-n", type=number(int, 0), default=4, help="images per sample grid (0: none)")
+    f.add_argument("--sample-steps", type=number(int, 1), default=20)
+    f.add_argument("--sample-every-minutes", type=number(float, 0, inclusive=False),
+                   help="a sample grid every this many minutes (default: only at the end)")
+    f.add_argument("--diffusers-format", action="store_true", help="LoRA: also write pytorch_lora_weights.safetensors")
+    f.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    f.set_defaults(func=cmd_finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_train_vae)
     add_sample_commands(sub)
     add_generate_commands(sub)
+    add_finetune_command(sub)
     return parser
 
 

@@ -192,10 +192,11 @@ def _eligible(conv: nn.Module) -> bool:
 
 def _rebuilt(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:
     """``conv`` as an instance of ``cls`` holding the very same Parameter objects (built on the meta device, so
-    nothing is allocated or copied). Hooks registered on ``conv`` do not carry over."""
+    nothing is allocated or copied) and the same forward hooks (an attached LoRA keeps working)."""
     new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
               conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
     new.weight, new.bias = conv.weight, conv.bias
+    new._forward_hooks = conv._forward_hooks  # the same dict, so the hooks' handles still remove them
     return new.train(conv.training)
 
 

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .adapters import Adaptable
 from .conditioning import Conditioning
 from .diffusion import q_sample
 from .perf import enable_fast_cpu
@@ -25,7 +26,7 @@ from .vae import AutoencoderKL
 Labels = int | Sequence[int] | torch.Tensor | None
 
 
-class DiffusionPipeline(Pipeline):
+class DiffusionPipeline(Adaptable, Pipeline):
     """A UNet on pixels or on a VAE's latents, unconditional or class-conditional (with classifier-free guidance)."""
 
     default_sampler = "ddim"
@@ -36,6 +37,10 @@ class DiffusionPipeline(Pipeline):
         self.unet, self.vae = unet, vae
         for model in self.models:
             enable_fast_cpu(model.eval())
+
+    @property
+    def lora_models(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet}
 
     @property
     def models(self) -> list[torch.nn.Module]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .adapters import Adaptable
 from .attention import set_attention_chunk
 from .conditioning import Conditioning
 from .perf import enable_fast_cpu
@@ -36,7 +37,7 @@ Prompt = str | Sequence[str]
 ImageInput = Image.Image | torch.Tensor
 
 
-class StableDiffusion(Pipeline):
+class StableDiffusion(Adaptable, Pipeline):
     """Tokenizer, text encoder, UNet, VAE and noise schedule, each usable on its own:
     ``pipe.unet(z_t, t, context)``, ``pipe.vae.decode(z)``, ``pipe.text_encoder(ids)``, ``pipe.tokenizer(texts)``.
     ``notes`` say how the loader decided what the checkpoint does not say (e.g. ε or v)."""
@@ -93,6 +94,34 @@ class StableDiffusion(Pipeline):
     @property
     def models(self) -> list[torch.nn.Module]:
         return [m for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae) if m is not None]
+
+    @property
+    def lora_models(self) -> dict[str, torch.nn.Module]:
+        return {k: m for k, m in (("unet", self.unet), ("text_encoder", self.text_encoder),
+                                  ("text_encoder_2", self.text_encoder_2)) if m is not None}
+
+    @property
+    def lora_family(self) -> str:
+        return self.config.family.split("-")[0]
+
+    def load_embedding(self, path: str, token: str | None = None) -> list[str]:
+        """Add the textual-inversion embedding at ``path`` (str or Path)  [Gal et al. 2022] — A1111 ``.pt``, kohya or
+        diffusers ``.safetensors``, diffusers ``learned_embeds.bin``; SDXL's clip_l + clip_g — to every text encoder
+        under ``token`` (default: the file's stem, or the token a diffusers file names; ``ldm.embeddings``).
+        Returns the names a prompt can use: ``token`` (all n vectors), ``token_1`` … ``token_{n−1}`` (one each).
+        ``unload_embeddings`` forgets them."""
+        from .embeddings import add_embedding, read_embedding
+
+        encoders = {"text_encoder": (self.tokenizer, self.text_encoder),
+                    "text_encoder_2": (self.tokenizer_2, self.text_encoder_2)}
+        return add_embedding(read_embedding(path), encoders, self.config.family, token)
+
+    def unload_embeddings(self) -> None:
+        """Forget every embedding ``load_embedding`` added."""
+        from .embeddings import remove_embeddings
+
+        remove_embeddings({"text_encoder": (self.tokenizer, self.text_encoder),
+                           "text_encoder_2": (self.tokenizer_2, self.text_encoder_2)})
 
     def enable_attention_slicing(self, chunk: int | None = 1024) -> None:
         """Attend ``chunk`` image positions at a time in the UNet and VAE (None turns it off): same images,

@@ -151,6 +151,7 @@ class TextEncoder(nn.Module):
         x_n = block_n(x_{n−1})          n = 1 … N, causal self-attention
         hidden = LN_final(x_{N+1+output_layer})   (x_{N+1+output_layer} when final_norm_on_hidden is False)
     ``forward`` returns ``hidden`` and runs only the blocks it needs; ``encode`` also returns the pooled vector.
+    E is ``token_embedding`` with ``extra_embeddings`` (textual inversion's rows) below it: ``set_extra_embeddings``.
     Shapes: token_ids (B, L) integer, L ≤ max_length → (B, L, width).
     """
 
@@ -165,9 +166,46 @@ class TextEncoder(nn.Module):
         self.projection = nn.Linear(c.width, c.projection_dim, bias=False) if c.projection_dim else None
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's initialisation of both tables
         nn.init.normal_(self.position_embedding, std=0.01)
+        # Not persistent: the weight files and the converters keep CLIP's own vocabulary (see set_extra_embeddings).
+        self.register_buffer("extra_embeddings", None, persistent=False)
+
+    @property
+    def num_tokens(self) -> int:
+        """How many ids the encoder reads: the vocabulary and the extra rows."""
+        extra = self.extra_embeddings
+        return self.config.vocab_size + (0 if extra is None else len(extra))
+
+    def set_extra_embeddings(self, rows: torch.Tensor | None) -> None:
+        """Rows for the ids past the vocabulary: id vocab_size + k reads ``rows[k]`` (n, width), or None for none.
+
+        Textual inversion  [Gal et al. 2022, Eq. 2]: a new word S* is one such row v*, learned with the encoder
+        (and everything else) frozen,  v* = argmin_v E ‖ε − ε_θ(z_t, t, c_θ(y with S* ↦ v))‖².
+        ``rows`` is kept as given, not copied, as a non-persistent buffer: it follows ``.to()`` but stays out of
+        ``state_dict`` (weight files, converters). To learn rows, pass an ``nn.Parameter`` (after moving the
+        encoder: ``.to()`` replaces buffers with converted copies), freeze the rest (``requires_grad_(False)``
+        leaves buffers alone) and hand the same Parameter to the optimizer; gradients reach it through
+        ``embed_tokens``.
+        """
+        if rows is not None and (rows.dim() != 2 or rows.shape[1] != self.config.width):
+            raise ValueError(f"extra embeddings must be (n, {self.config.width}) for this {self.config.width}-wide "
+                             f"encoder; got {tuple(rows.shape)}")
+        self.register_buffer("extra_embeddings", None if rows is None or not len(rows) else rows, persistent=False)
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] with E = [token_embedding; extra_embeddings]: ids ≥ vocab_size read the extra rows.
+        Shapes: (B, L) → (B, L, width)."""
+        extra = self.extra_embeddings
+        if extra is None:
+            return self.token_embedding(token_ids)
+        vocab = self.config.vocab_size
+        # Two lookups and a select, not one lookup in a concatenated table: no copy of the 49408-row table per call.
+        base = self.token_embedding(token_ids.clamp(max=vocab - 1))
+        added = extra.to(base.dtype)[(token_ids - vocab).clamp(min=0)]
+        return torch.where((token_ids >= vocab)[..., None], added, base)
 
     def check_ids(self, token_ids: torch.Tensor) -> None:
-        """Raise ValueError unless token_ids is an integer (B, L) tensor with L ≤ max_length and ids in [0, vocab)."""
+        """Raise ValueError unless token_ids is an integer (B, L) tensor with L ≤ max_length and ids in
+        [0, num_tokens) (the vocabulary and any extra rows)."""
         c = self.config
         if not isinstance(token_ids, torch.Tensor) or token_ids.dtype.is_floating_point or token_ids.dtype.is_complex \
                 or token_ids.dtype == torch.bool:
@@ -177,14 +215,14 @@ class TextEncoder(nn.Module):
             raise ValueError(f"token ids must have shape (batch, length); got {tuple(token_ids.shape)}")
         if token_ids.shape[1] > c.max_length:
             raise ValueError(f"{token_ids.shape[1]} tokens, but the text encoder takes at most {c.max_length}")
-        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= c.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {c.vocab_size}); got range "
+        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= self.num_tokens):
+            raise ValueError(f"token ids must lie in [0, {self.num_tokens}); got range "
                              f"[{int(token_ids.min())}, {int(token_ids.max())}]")
 
     def _blocks(self, token_ids: torch.Tensor, count: int) -> list[torch.Tensor]:
         """[x₀, x₁, …, x_count]: the embeddings and the outputs of the first ``count`` blocks."""
         self.check_ids(token_ids)
-        x = self.token_embedding(token_ids.long()) + self.position_embedding[: token_ids.shape[1]]
+        x = self.embed_tokens(token_ids.long()) + self.position_embedding[: token_ids.shape[1]]
         states = [x]
         for block in self.layers[:count]:
             states.append(block(states[-1]))

@@ -4,6 +4,9 @@ Text → cleaned text → words (CLIP's pre-tokenizer) → UTF-8 bytes shown as 
 map) → BPE merges [Sennrich et al. 2016] → ids → `<|startoftext|> ids <|endoftext|>` padded to 77, the sequence
 the CLIP text encoder reads [Radford et al. 2021]. Matches openai/CLIP `simple_tokenizer.py` without its
 `regex` and `ftfy` dependencies.
+
+Added tokens (textual inversion's new words [Gal et al. 2022], ``add_token``) are cut out of the cleaned text
+before the pre-tokenizer sees it, as transformers' added tokens are, and read as ids past the vocabulary.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import gzip
 import html
 import json
+import re
 import unicodedata
 import warnings
 from pathlib import Path
@@ -103,6 +107,14 @@ class CLIPTokenizer:
         self.max_length, self.vocab_size = max_length, len(vocab)
         # Prompts repeat words endlessly; the special tokens are seeded so BPE never splits them.
         self._cache: dict[str, list[str]] = {BOS: [BOS], EOS: [EOS]}
+        # add_token's units: cleaned text → the ids it stands for; id → the name it was added as
+        self.added: dict[str, list[int]] = {}
+        self.added_names: dict[int, str] = {}
+        self._added_pattern: re.Pattern[str] | None = None
+
+    def __len__(self) -> int:
+        """The vocabulary and the added tokens: the next added token's id (transformers' ``len(tokenizer)``)."""
+        return self.vocab_size + len(self.added_names)
 
     @classmethod
     def from_bundled(cls, pad: Literal["eos", "zero"] = "eos") -> CLIPTokenizer:
@@ -189,15 +201,83 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"a prompt must be str, got {type(text).__name__}")
         ids = []
-        for word in pre_tokenize(clean_text(text)):
-            mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids.extend(self.vocab[symbol] for symbol in self.bpe(mapped))
+        for piece, unit in self._split_added(clean_text(text)):
+            for word in pre_tokenize(piece):
+                mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                ids.extend(self.vocab[symbol] for symbol in self.bpe(mapped))
+            ids.extend(unit)
         return ids
 
+    def _split_added(self, text: str) -> list[tuple[str, list[int]]]:
+        """(text before, the ids of the added token that follows it) pairs, the last with no ids: the text cut
+        at each added token, leftmost match first and the longest at that place (as transformers' trie matches,
+        so "<tok>_1" wins over "<tok>"), inside words too. Without added tokens: [(text, [])]."""
+        if self._added_pattern is None:
+            return [(text, [])]
+        pieces, start = [], 0
+        for match in self._added_pattern.finditer(text):
+            pieces.append((text[start:match.start()], self.added[match.group()]))
+            start = match.end()
+        return [*pieces, (text[start:], [])]
+
+    def add_token(self, token: str, vectors: int = 1) -> list[int]:
+        """Make ``token`` one unit that reads as ``vectors`` new ids, ``len(self)`` onwards: a textual-inversion
+        pseudo-word S*, whose rows in the text encoder's embedding table are learned  [Gal et al. 2022, §3].
+
+        The n > 1 rows of a multi-vector token also get diffusers' names ``token_1`` … ``token_{n−1}``, each a
+        unit alone; ``token`` in a prompt expands to all n ids, as diffusers' ``maybe_convert_prompt`` expands
+        the prompt's text. Tokens match as transformers' added tokens do: in the cleaned (lower-case) text,
+        inside words too, before the pre-tokenizer and BPE see the rest (``encode``).
+        ValueError naming the token when it, or one of its row names, is already a vocabulary entry (it would
+        hide that word) or already added (``check_new_token``). Returns the new ids.
+        """
+        names, keys = self.check_new_token(token, vectors)
+        ids = list(range(len(self), len(self) + vectors))
+        for name, key, i in zip(names, keys, ids):
+            self.added[key], self.added_names[i] = [i], name
+        self.added[keys[0]] = ids
+        self._compile_added()
+        return ids
+
+    def check_new_token(self, token: str, vectors: int = 1) -> tuple[list[str], list[str]]:
+        """ValueError unless ``add_token(token, vectors)`` can add the token; its names and their cleaned forms."""
+        if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 1:
+            raise ValueError(f"a token stands for at least one vector; got vectors={vectors!r}")
+        if not isinstance(token, str):
+            raise TypeError(f"a token must be a str, got {type(token).__name__}")
+        names = [token] + [f"{token}_{i}" for i in range(1, vectors)]
+        keys = [clean_text(name) for name in names]
+        for name, key in zip(names, keys):
+            if not key:
+                raise ValueError(f"cannot add the token {name!r}: it is empty once cleaned")
+            if key in self.added or key in (BOS, EOS) or key in self.vocab or key + "</w>" in self.vocab:
+                where = "already added" if key in self.added else "already in the vocabulary"
+                raise ValueError(f"token {name!r} is {where}; choose another name for it")
+        return names, keys
+
+    def remove_added_tokens(self) -> None:
+        """Forget every added token: the tokenizer reads text as it did before the first ``add_token``."""
+        self.added, self.added_names = {}, {}
+        self._compile_added()
+
+    def _compile_added(self) -> None:
+        # Python's regex alternation takes the first alternative that matches, so longest first = longest match.
+        keys = sorted(self.added, key=len, reverse=True)
+        self._added_pattern = re.compile("|".join(map(re.escape, keys))) if keys else None
+
     def decode(self, ids: list[int] | torch.Tensor) -> str:
-        """Text of token ids (special tokens included as text); word ends become spaces."""
-        chars = "".join(self.decoder[int(i)] for i in ids)
-        text = bytes(self.byte_decoder[c] for c in chars).decode("utf-8", errors="replace")
+        """Text of token ids (special and added tokens included as text); word ends become spaces."""
+        parts, chars = [], []
+        for i in map(int, ids):
+            if i in self.added_names:  # an added token is a whole word of its own
+                parts += [self._decode_chars(chars), self.added_names[i]]
+                chars = []
+            else:
+                chars.append(self.decoder[i])
+        return " ".join(part for part in [*parts, self._decode_chars(chars)] if part)
+
+    def _decode_chars(self, chars: list[str]) -> str:
+        text = bytes(self.byte_decoder[c] for c in "".join(chars)).decode("utf-8", errors="replace")
         return text.replace("</w>", " ").strip()
 
     def frame(self, ids: list[int]) -> list[int]:
