@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -5,7 +7,9 @@ from ldm.data import ImageDataset, load_dataset
 from ldm.train import TrainConfig
 from ldm.unet import UNetConfig
 
-torch.set_num_threads(2)
+# The suite runs in two pytest-xdist workers (pyproject's addopts): each gets its share of the cores, since two
+# processes whose torch threads outnumber the cores spin-wait on each other's and run many times slower.
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ Two layouts name the adapted layers:
   ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``;
 - diffusers / peft (``pytorch_lora_weights.safetensors``): ``unet.{module}``, ``text_encoder.{module}``,
   ``text_encoder_2.{module}`` with ``.lora_A.weight`` / ``.lora_B.weight`` (older files: ``.lora.down.weight`` /
-  ``.lora.up.weight``), α from the peft config diffusers keeps in the file's metadata, or ``.alpha`` keys.
+  ``.lora.up.weight``, text encoders ``.lora_linear_layer.down.weight`` / ``…up.weight``), α from the peft config
+  diffusers keeps in the file's metadata, or ``.alpha`` keys.
 
 Module names are matched through ``ldm.convert``'s rule tables (``unet_layout``, ``text_encoder_layout``), so every
 name ldm can load weights under is a name a LoRA may adapt, and a name that matches no layer is an error.
@@ -25,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_save_safetensors, load_weight_file, weight_file_keys
+from ..checkpoint import CheckpointError, atomic_save_safetensors, load_weight_file, safe_load, weight_file_keys
 from ..lora import LoRA, LoRALayer
 from .clip import text_encoder_layout
 from .core import foreign_names
@@ -39,7 +40,8 @@ KOHYA_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "t
 # A (down), B (up) and α of one module, in either layout; the module name is what comes before.
 KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[12]?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+?)\."
-                           r"(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|alpha)$")
+                           r"(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
+                           r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)$")
 # Adapter kinds of other tools, recognised so the error can say what the file is.
 OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with a Tucker core (lora_mid)",
                "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "diff_b": "full-weight differences"}
@@ -79,7 +81,13 @@ def read_lora(path: str | Path) -> LoRAFile:
     """A LoRA file in kohya or diffusers layout (``.pt`` / ``.bin`` through the weights-only loader only).
     CheckpointError for a truncated or corrupt file, a file that is not a LoRA, or another kind of adapter."""
     path = Path(path)
-    tensors, metadata = load_weight_file(path)
+    try:
+        tensors, metadata = load_weight_file(path)
+    except CheckpointError:
+        if _a1111_embedding(path):  # its vectors are nested, so load_weight_file finds no tensors
+            raise CheckpointError(f"{path} is a textual-inversion embedding, not a LoRA: load it with "
+                                  "--embedding") from None
+        raise
     for marker, kind in OTHER_KINDS.items():
         if any(marker in key for key in tensors):
             raise CheckpointError(f"{path} is a {kind} adapter, which ldm does not load (only LoRA and LoCon)")
@@ -101,7 +109,7 @@ def read_lora(path: str | Path) -> LoRAFile:
         entry = file.modules.setdefault(component, {}).setdefault(module, LoRAModule())
         if what == "alpha":
             entry.alpha = float(value)
-        elif what in ("lora_down.weight", "lora_A.weight", "lora.down.weight"):
+        elif what in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight"):
             entry.down = value
         else:
             entry.up = value
@@ -110,6 +118,18 @@ def read_lora(path: str | Path) -> LoRAFile:
     if broken:
         raise CheckpointError(f"{path}: modules with only one of the two LoRA matrices: {', '.join(broken[:5])}")
     return file
+
+
+def _a1111_embedding(path: Path) -> bool:
+    """Whether ``path`` is a pickle of A1111's embedding dict (``string_to_param``: {"*": vectors}), read
+    weights-only."""
+    if path.suffix.lower() == ".safetensors" or not path.is_file():
+        return False
+    try:
+        data = safe_load(path)
+    except CheckpointError:
+        return False
+    return isinstance(data, dict) and "string_to_param" in data
 
 
 def _alphas_from_metadata(file: LoRAFile, metadata: dict) -> None:
@@ -207,6 +227,12 @@ def build_loras(file: LoRAFile, models: dict[str, nn.Module], name: str, scale: 
     return loras
 
 
+def peft_name(name: str) -> str:
+    """A module's name as peft's config targets it: peft matches by suffix, so a text encoder's is given without
+    ``text_model.``, to match both transformers 4's CLIPTextModel and transformers 5's, which has no such level."""
+    return name.removeprefix("text_model.")
+
+
 def lora_state_dict(loras: dict[str, LoRA], models: dict[str, nn.Module], fmt: Format = "kohya",
                     sdxl: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) of ``loras`` in ``fmt``: kohya names from diffusers module names, dots as
@@ -227,9 +253,9 @@ def lora_state_dict(loras: dict[str, LoRA], models: dict[str, nn.Module], fmt: F
             else:
                 stem = f"{component}.{names[module]}"
                 tensors |= {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up}
-                alphas[names[module]] = alpha
+                alphas[peft_name(names[module])] = alpha
         if fmt == "diffusers":
-            ranks = {names[m]: layer.rank for m, layer in lora.items()}
+            ranks = {peft_name(names[m]): layer.rank for m, layer in lora.items()}
             rank = max(set(ranks.values()), key=list(ranks.values()).count)
             alpha = max(set(alphas.values()), key=list(alphas.values()).count)
             config |= {f"{component}.r": rank, f"{component}.lora_alpha": alpha,
@@ -244,7 +270,7 @@ def lora_state_dict(loras: dict[str, LoRA], models: dict[str, nn.Module], fmt: F
 def save_lora(path: str | Path, loras: dict[str, LoRA], models: dict[str, nn.Module], fmt: Format = "kohya",
               sdxl: bool = False) -> Path:
     """Write ``loras`` as one ``.safetensors`` file in ``fmt`` (atomically), loadable by A1111, ComfyUI and diffusers."""
-    tensors, metadata = lora_state_dict(loras, models, fmt, sdxl)
+    tensors, metadata = lora_state_dict(loras, models, fmt, sdxl or "text_encoder_2" in loras)
     path = Path(path)
     atomic_save_safetensors(tensors, path, metadata=metadata)
     return path
