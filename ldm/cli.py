@@ -131,7 +131,10 @@ def add_adapters(pipe, args: argparse.Namespace) -> None:
         print(f"LoRA {name}: {layers} layers at scale {scale:g}")
     for path in getattr(args, "embedding", None) or ():
         tokens = pipe.load_embedding(path)
-        print(f"embedding {Path(path).name}: use {tokens[0]!r} in the prompt ({len(tokens)} vectors)")
+        if isinstance(pipe, DiffusionPipeline):  # a toy run's textual inversion: new class labels
+            print(f"embedding {Path(path).name}: new class {', '.join(map(str, tokens))} (--class {tokens[0]})")
+        else:
+            print(f"embedding {Path(path).name}: use {tokens[0]!r} in the prompt ({len(tokens)} vectors)")
 
 
 def denoise(pipe, records, total: int, trajectory: Path | None, keep: int = 10) -> torch.Tensor:
@@ -365,7 +368,8 @@ def add_adapter_options(p: argparse.ArgumentParser, embeddings: bool = True) -> 
                    help="a LoRA file (kohya / A1111 or diffusers layout) at SCALE (default 1); repeat for several")
     if embeddings:
         p.add_argument("--embedding", action="append", metavar="FILE", help="a textual-inversion embedding (A1111 "
-                       ".pt/.safetensors, diffusers learned_embeds); its file name becomes a word of the prompt")
+                       ".pt/.safetensors, diffusers learned_embeds): its file name becomes a word of the prompt; for "
+                       "a class-conditional run, a toy textual inversion's new class (label printed)")
 
 
 def add_seeds(p: argparse.ArgumentParser) -> None:
@@ -399,7 +403,7 @@ def add_sample_commands(sub) -> None:
     add_model(s, "run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
     add_sampling(s, "ddim", 50, 1.0, 64)
     add_seeds(s)
-    add_adapter_options(s, embeddings=False)
+    add_adapter_options(s)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
     s.add_argument("--batch-size", type=number(int, 1), default=128,
                    help="samples per UNet batch (lower it to save memory: a 256×256 DDPM model needs about 0.3 GB per sample)")
@@ -483,9 +487,9 @@ def add_generate_commands(sub) -> None:
 # --- ldm finetune ---------------------------------------------------------------------------------------------
 FINETUNE_FIELDS = ("data", "method", "caption", "class_data", "class_caption", "prior_weight", "limit", "resolution",
                    "rank", "alpha", "targets", "train_text_encoder", "token", "init_word", "vectors", "min_snr_gamma",
-                   "gradient_checkpointing", "grad_accum", "diffusers_format", "sample_prompt", "sample_n",
-                   "sample_steps", "sample_every_minutes")
-FINETUNE_LOOP_FIELDS = ("steps", "max_minutes", "lr", "batch_size", "mixed_precision", "ema_decay", "seed")
+                   "grad_accum", "diffusers_format", "sample_prompt", "sample_n", "sample_steps", "sample_every_minutes")
+FINETUNE_LOOP_FIELDS = ("steps", "max_minutes", "lr", "batch_size", "mixed_precision", "ema_decay", "seed",
+                        "gradient_checkpointing")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

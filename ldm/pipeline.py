@@ -9,11 +9,13 @@ original DDPM models.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from .adapters import Adaptable
+from .class_embedding import add_class_embedding, load_class_embedding
 from .conditioning import Conditioning
 from .diffusion import q_sample
 from .perf import enable_fast_cpu
@@ -41,6 +43,11 @@ class DiffusionPipeline(Adaptable, Pipeline):
     @property
     def lora_models(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet}
+
+    def load_embedding(self, path: str | Path) -> list[int]:
+        """A toy textual inversion (``ldm finetune --method textual-inversion`` on a class-conditional run): its
+        rows become new classes of the UNet; returns their labels, to pass as ``class_label``."""
+        return add_class_embedding(self.unet, load_class_embedding(path))
 
     @property
     def models(self) -> list[torch.nn.Module]:

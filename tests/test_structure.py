@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ldm"
-TRAINING = {"ldm.loop", "ldm.train", "ldm.train_vae"}
+TRAINING = {"ldm.loop", "ldm.train", "ldm.train_vae", "ldm.finetune"}
 # composition roots: the package's export list and the command line, which dispatches training and inference alike
 ROOTS = {"ldm", "ldm.cli"}
 MAX_FUNCTION_LINES = 60
