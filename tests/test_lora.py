@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldm.checkpoint import CheckpointError
@@ -246,6 +246,28 @@ def test_save_read_build_round_trip(sd, tmp_path, fmt):
     report = describe_lora(path)
     assert report["format"] == fmt and report["layers"] == {c: len(lora.targets) for c, lora in loras.items()}
     assert report["conv_layers"] > 0
+
+
+def test_original_input_blocks_names_load_as_the_diffusers_names(sd, tmp_path):
+    """Some kohya files (SGM / A1111 trained on original checkpoints) name UNet layers input_blocks_…, middle_block_…,
+    output_blocks_…: the same layers, reached through the original-layout rule table."""
+    from ldm.convert.lora import module_spellings
+
+    loras = {"unet": random_loras(sd)["unet"]}
+    path = save_lora(tmp_path / "diffusers_names.safetensors", loras, sd.lora_models, "kohya")
+    diffusers_names, original_names = module_spellings(sd.unet, "unet")
+    renamed = {}
+    for key, value in load_file(path).items():
+        stem, _, what = key.partition(".")
+        module = next(m for m, name in diffusers_names.items() if stem == "lora_unet_" + name.replace(".", "_"))
+        renamed[f"lora_unet_{original_names[module].replace('.', '_')}.{what}"] = value
+    assert any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for k in renamed)
+    save_file(renamed, tmp_path / "original_names.safetensors")
+    for name in ("diffusers_names", "original_names"):
+        built = build_loras(read_lora(tmp_path / f"{name}.safetensors"), sd.lora_models, name)["unet"]
+        assert set(built.targets) == set(loras["unet"].targets)
+        for key, layer in built.items():
+            assert torch.equal(layer.up.weight, dict(loras["unet"].items())[key].up.weight), (name, key)
 
 
 def test_sdxl_kohya_names_and_family(tmp_path):
