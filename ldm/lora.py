@@ -47,7 +47,7 @@ class LoRALayer(nn.Module):
             if base.groups != 1:
                 raise ValueError("LoRA on grouped convolutions is not supported")
             self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                                  base.dilation, bias=False)
+                                  base.dilation, bias=False, padding_mode=base.padding_mode)
             self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         elif isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False)
