@@ -129,6 +129,8 @@ def add_adapters(pipe, args: argparse.Namespace) -> None:
         name = pipe.load_lora(path, scale=scale)
         layers = sum(len(lora.targets) for lora in pipe.loras[name].values())
         print(f"LoRA {name}: {layers} layers at scale {scale:g}")
+    if pipe.loras:  # a command's scales never change, so fold them in: every step then costs what the base's does
+        pipe.fuse_lora()
     for path in getattr(args, "embedding", None) or ():
         tokens = pipe.load_embedding(path)
         if isinstance(pipe, DiffusionPipeline):  # a toy run's textual inversion: new class labels

@@ -54,9 +54,12 @@ from .stable_diffusion import StableDiffusion
 Method = Literal["lora", "textual-inversion", "full"]
 METHODS = ("lora", "textual-inversion", "full")
 # Learning rates when none is given, per method and model: for Stable Diffusion those of diffusers' example scripts
-# (train_dreambooth_lora, textual_inversion, train_dreambooth); toy runs are small and learn faster.
+# (train_dreambooth_lora, textual_inversion, train_dreambooth); toy runs are small and learn faster. A toy LoRA at
+# batch 32 and 3e-3 made 94 % of MNIST samples threes after 600 steps (notebook 07); at batch 8 and 1e-3, 54 % after
+# 620 steps (5 minutes): a toy step costs little more at batch 32, so the larger batch is the default.
 DEFAULT_LR = {("lora", "sd"): 1e-4, ("textual-inversion", "sd"): 5e-3, ("full", "sd"): 5e-6,
-              ("lora", "toy"): 1e-3, ("textual-inversion", "toy"): 1e-2, ("full", "toy"): 2e-4}
+              ("lora", "toy"): 3e-3, ("textual-inversion", "toy"): 1e-2, ("full", "toy"): 2e-4}
+DEFAULT_BATCH = {"sd": 1, "toy": 32}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -64,7 +67,7 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 class FinetuneConfig:
     """A fine-tuning run. None means the model's own choice, written in when the run starts: ``resolution`` its
     training size, ``targets`` "attention" (SD) or "attention+conv" (toy UNets, whose attention is at 7×7 only),
-    ``loop.lr`` ``DEFAULT_LR``, ``loop.batch_size`` 1 (SD) or 8 (toy)."""
+    ``loop.lr`` ``DEFAULT_LR``, ``loop.batch_size`` ``DEFAULT_BATCH``."""
 
     checkpoint: str  # the frozen base: anything ldm.load_pipeline reads
     data: str  # a folder of images (+ same-named .txt captions), or mnist-bundled:D
@@ -168,7 +171,7 @@ class Finetuner(TrainLoop):
         if resolution % factor:
             raise ValueError(f"--resolution {resolution} must be a multiple of {factor} (the VAE's factor)")
         loop = replace(c.loop, lr=c.loop.lr or DEFAULT_LR[c.method, kind],
-                       batch_size=c.loop.batch_size or (1 if self.sd else 8))
+                       batch_size=c.loop.batch_size or DEFAULT_BATCH[kind])
         return replace(c, checkpoint=str(Path(c.checkpoint).resolve()), resolution=resolution, loop=loop,
                        targets=c.targets or ("attention" if self.sd else "attention+conv"))
 
@@ -265,7 +268,8 @@ class Finetuner(TrainLoop):
         channels = pipe.vae.config.in_channels if pipe.vae is not None else pipe.unet.config.in_channels
         images = load_captioned(source, c.resolution, channels, caption, c.limit)
         if len(images) < c.loop.batch_size:
-            raise ValueError(f"--batch-size {c.loop.batch_size} is more than the {len(images)} images in {source}")
+            raise ValueError(f"--batch-size {c.loop.batch_size} is more than the {len(images)} images in {source}: "
+                             "give a smaller --batch-size")
         index = torch.arange(len(images))
         data = ImageDataset(images.images, index, len(images), name=images.name)
         if pipe.vae is not None:
@@ -478,4 +482,4 @@ def finetune(config: FinetuneConfig, out_dir: str | Path, *, resume: bool = Fals
     return Finetuner(config, out_dir, device=device, progress=progress, pipe=pipe).fit(resume, overwrite)
 
 
-__all__ = ["DEFAULT_LR", "FinetuneConfig", "Finetuner", "METHODS", "finetune"]
+__all__ = ["DEFAULT_BATCH", "DEFAULT_LR", "FinetuneConfig", "Finetuner", "METHODS", "finetune"]

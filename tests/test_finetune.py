@@ -183,9 +183,10 @@ def test_full_and_textual_inversion_on_stable_diffusion(sd_folder, photos, tmp_p
 
 
 def test_lora_on_a_toy_run(toy_run, tmp_path):
-    config = FinetuneConfig(str(toy_run), "mnist-bundled:3", limit=16, sample_n=4, sample_steps=2).with_(steps=4)
+    config = FinetuneConfig(str(toy_run), "mnist-bundled:3", limit=32, sample_n=4, sample_steps=2).with_(steps=4)
     tuner = finetune(config, tmp_path / "run", progress=False, device="cpu")
-    assert tuner.config.targets == "attention+conv" and tuner.config.loop.lr == 1e-3
+    assert tuner.config.targets == "attention+conv" and tuner.config.loop.lr == 3e-3
+    assert tuner.config.loop.batch_size == 32
     assert (tmp_path / "run" / "samples.png").is_file()
     assert f"ldm sample {toy_run}" in tuner.usage()
     pipe = load_pipeline(toy_run, device="cpu")
@@ -194,16 +195,52 @@ def test_lora_on_a_toy_run(toy_run, tmp_path):
     assert not torch.equal(pipe(2, num_inference_steps=3, progress=False, output="tensor"), base)
 
 
+def test_a_lora_on_one_digit_specialises_the_model_and_scale_zero_is_the_base(mnist_small, tmp_path):
+    """The README's adaptation recipe in seconds: a base trained briefly on all digits, a LoRA on 64 threes. On
+    threes the LoRA has not seen its loss falls well below the base's, by far more than on other digits; at
+    scale 0 the pipeline samples the base model's images bit for bit."""
+    from ldm.data import load_dataset
+
+    config = TrainConfig(unet=TOY_UNET, sample_n=0).with_(batch_size=32, steps=150, lr=2e-3, warmup_steps=10,
+                                                          sample_every=0)
+    Trainer(config, tmp_path / "base", dataset=mnist_small, progress=False).train()
+    tune = FinetuneConfig(str(tmp_path / "base"), "mnist-bundled:3", limit=64, rank=8, **QUICK).with_(steps=120)
+    finetune(tune, tmp_path / "lora", progress=False, device="cpu")
+
+    data = load_dataset("mnist-bundled")
+    threes, others = (data.labels == 3).nonzero().flatten(), (data.labels != 3).nonzero().flatten()
+    held_out = {"threes": threes[200:328], "others": others[-128:]}  # the LoRA saw threes[:64]
+    pipe = load_pipeline(tmp_path / "base", device="cpu")
+
+    def loss(indices) -> float:
+        x0 = data.images[indices].float() / 127.5 - 1
+        t = torch.linspace(50, 900, len(x0)).long()
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return diffusion_loss(pipe.unet, pipe.schedule, x0, t=t, noise=noise).mean().item()
+
+    before = {name: loss(i) for name, i in held_out.items()}
+    base_images = pipe(4, num_inference_steps=5, seed=1, progress=False, output="tensor")
+    pipe.load_lora(tmp_path / "lora" / "lora.safetensors", scale=0.0)
+    assert torch.equal(pipe(4, num_inference_steps=5, seed=1, progress=False, output="tensor"), base_images)
+    pipe.set_lora_scale("lora", 1.0)
+    after = {name: loss(i) for name, i in held_out.items()}
+    gain = {name: 1 - after[name] / before[name] for name in held_out}
+    assert gain["threes"] > 0.05 and gain["threes"] > gain["others"] + 0.05, (before, after)
+
+
 def test_toy_runs_from_a_folder_of_digits(toy_run, latent_run, tmp_path):
     """A folder of PNGs (made from the bundled MNIST): full fine-tuning of a pixel run writes a run `ldm sample`
     reads; a LoRA on a class-conditional latent run learns the unlabelled images as the null class ∅."""
     folder = write_digit_folder(7, tmp_path / "sevens", limit=8)
     assert len(list(folder.glob("7_*.png"))) == 8
-    finetune(FinetuneConfig(str(toy_run), str(folder), method="full", **QUICK).with_(steps=2), tmp_path / "full",
+    finetune(FinetuneConfig(str(toy_run), str(folder), method="full", **QUICK).with_(steps=2, batch_size=8),
+             tmp_path / "full",
              progress=False, device="cpu")
     tuned, base = load_pipeline(tmp_path / "full" / "model", device="cpu"), load_pipeline(toy_run, device="cpu")
     assert not all(torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), base.unet.parameters()))
-    tuner = finetune(FinetuneConfig(str(latent_run), str(folder), sample_n=2, sample_steps=2).with_(steps=2),
+    tuner = finetune(FinetuneConfig(str(latent_run), str(folder), sample_n=2, sample_steps=2).with_(steps=2,
+                                                                                                  batch_size=8),
                      tmp_path / "lora", progress=False, device="cpu")
     assert tuner.data.labels.tolist() == [10] * 8 and tuner.data.data.mean.shape == (8, 2, 16, 16)
     assert (tmp_path / "lora" / "samples.png").is_file()
