@@ -94,7 +94,7 @@ def read_lora(path: str | Path) -> LoRAFile:
     kohya = [k for k in tensors if KOHYA_KEY.match(k)]
     diffusers = [k for k in tensors if DIFFUSERS_KEY.match(k)]
     if not kohya and not diffusers:
-        if any(k.endswith(("emb_params", "clip_l", "clip_g")) for k in tensors) or "string_to_param" in str(list(tensors)):
+        if any(k.endswith(("emb_params", "clip_l", "clip_g")) for k in tensors):
             raise CheckpointError(f"{path} is a textual-inversion embedding, not a LoRA: load it with --embedding")
         raise CheckpointError(f"{path} holds no LoRA weights (keys like {sorted(tensors)[:3]})")
     file = LoRAFile(path, "kohya" if len(kohya) >= len(diffusers) else "diffusers")
