@@ -275,12 +275,13 @@ def evaluate_digits(
 
 
 def load_samples_npy(path: str | os.PathLike) -> torch.Tensor:
-    """Read samples saved as a float .npy array (N, 1, 28, 28) in [0, 1], as float32 x = 2u − 1 in [-1, 1]."""
+    """Read samples saved as a float .npy array (N, 1, H, W) in [0, 1] (``ldm sample --npy``), as float32
+    x = 2u − 1 in [-1, 1]; digits of another size than 28×28 (the latent recipe's 32×32) are resized by the caller."""
     array = np.load(Path(path), allow_pickle=False)
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: expected a float array in [0, 1], got {array.dtype} (pixels 0–255? divide by 255)")
-    if array.ndim != 4 or array.shape[1:] != (1, 28, 28):
-        raise ValueError(f"{path}: expected shape (N, 1, 28, 28), got {array.shape}")
+    if array.ndim != 4 or array.shape[1] != 1:
+        raise ValueError(f"{path}: expected shape (N, 1, H, W) (grey digits), got {array.shape}")
     if not np.isfinite(array).all():
         raise ValueError(f"{path}: contains NaN or infinite values")
     if array.size and (array.min() < 0 or array.max() > 1):
