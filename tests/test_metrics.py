@@ -331,7 +331,7 @@ def test_load_samples_npy_maps_unit_range_to_model_range(tmp_path):
     "array, message",
     [
         (np.zeros((4, 28, 28), np.float32), r"shape \(N, 1, H, W\)"),
-        (np.zeros((4, 1, 32, 32), np.float32), r"shape \(N, 1, 28, 28\)"),
+        (np.zeros((4, 3, 28, 28), np.float32), r"shape \(N, 1, H, W\)"),  # colour: not digits
         (np.zeros((4, 1, 28, 28), np.uint8), "divide by 255"),
         (np.full((4, 1, 28, 28), -0.5, np.float32), r"\(x \+ 1\) / 2"),
         (np.full((4, 1, 28, 28), 2.0, np.float32), r"\[0, 1\]"),
