@@ -40,18 +40,44 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-class TimestepEmbedding(nn.Module):
-    """Sinusoidal features → Linear → SiLU → Linear: t (B,) → (B, emb_dim)."""
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of a guidance scale, the "w-embedding" an LCM-distilled UNet reads  [Luo et al. 2023, §4.2;
+    diffusers' ``get_guidance_scale_embedding``, after VDM's]: the timestep features of 1000·w, sin first, with
+    frequencies ω_i = exp(−ln(10000) · i / (dim/2 − 1)):
 
-    def __init__(self, channels: int, emb_dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0):
+        emb(w) = [sin(1000 w · ω), cos(1000 w · ω)]   (a zero appended when dim is odd)
+    which is ``timestep_embedding(1000 w, dim, flip_sin_to_cos=False, freq_shift=1)``, but rounded as diffusers
+    rounds it (the rate ln(10000)/(dim/2 − 1) first, in float32): at arguments up to ~10⁴ the two float32 orders
+    differ by 5·10⁻⁴, which an LCM's images would carry. Shapes: w (B,) → (B, dim).
+    """
+    half = dim // 2
+    rate = torch.log(torch.tensor(10000.0)) / (half - 1)
+    omega = torch.exp(torch.arange(half, dtype=torch.float32) * -rate).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * omega[None, :]
+    emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features → Linear → SiLU → Linear: t (B,) → (B, emb_dim).
+
+    With ``cond_dim`` (an LCM-distilled UNet's ``time_cond_proj_dim``) a bias-free projection of a condition
+    (B, cond_dim) — the w-embedding of the guidance scale — is added to the sinusoidal features before the first
+    Linear (diffusers' ``TimestepEmbedding(cond_proj_dim=…)``)."""
+
+    def __init__(self, channels: int, emb_dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+                 cond_dim: int | None = None):
         super().__init__()
         self.channels, self.flip_sin_to_cos, self.freq_shift = channels, flip_sin_to_cos, freq_shift
+        self.cond_proj = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
         self.linear_1 = nn.Linear(channels, emb_dim)
         self.linear_2 = nn.Linear(emb_dim, emb_dim)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.channels, self.flip_sin_to_cos, self.freq_shift)
-        return self.linear_2(F.silu(self.linear_1(emb.to(self.linear_1.weight.dtype))))
+    def forward(self, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        emb = timestep_embedding(t, self.channels, self.flip_sin_to_cos, self.freq_shift).to(self.linear_1.weight.dtype)
+        if self.cond_proj is not None:
+            emb = emb + self.cond_proj(cond.to(emb))
+        return self.linear_2(F.silu(self.linear_1(emb)))
 
 
 class ResBlock(nn.Module):

@@ -1,7 +1,8 @@
 """What a denoiser is conditioned on, as one record that classifier-free guidance can double.
 
-A UNet may see class labels, a text context, SDXL's pooled text and size ids, and extra input
-channels (the inpainting model's mask and masked-image latents). Samplers pass the record through
+A UNet may see class labels, a text context, SDXL's pooled text and size ids, extra input
+channels (the inpainting model's mask and masked-image latents), and an LCM-distilled UNet's
+guidance-scale embedding. Samplers pass the record through
 untouched; ``join`` is the one place that knows how to stack a conditional and an unconditional
 batch into one, and the model wrapper (``ldm.sampling.Pipeline.denoiser``) the one place that
 unpacks it into the UNet's arguments.
@@ -20,7 +21,8 @@ class Conditioning:
 
     labels (B,) int64 class ids · context (B, L, D) text hidden states · pooled (B, P) pooled text ·
     size_ids (B, n) SDXL's original size, crop corner and target size · concat (B, C, h, w) channels
-    appended to x_t before the UNet (inpainting).
+    appended to x_t before the UNet (inpainting) · timestep_cond (B, D) the w-embedding of the guidance scale an
+    LCM-distilled UNet reads beside the timestep (``ldm.blocks.guidance_scale_embedding``).
     """
 
     labels: torch.Tensor | None = None
@@ -28,6 +30,7 @@ class Conditioning:
     pooled: torch.Tensor | None = None
     size_ids: torch.Tensor | None = None
     concat: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None
 
     def __post_init__(self):
         sizes = {f.name: t.shape[0] for f in fields(self) if (t := getattr(self, f.name)) is not None}

@@ -20,19 +20,20 @@ from .pipeline import DiffusionPipeline
 from .runs import CHECKPOINT, check_vae_matches, load_diffusion_run, load_vae
 from .sampling import Pipeline, default_device
 from .sd_checkpoint import load_diffusers_folder, load_single_file
-from .sd_config import StableDiffusionConfig
+from .sd_config import StableDiffusionConfig, check_preset
 from .stable_diffusion import StableDiffusion
 
 # diffusers pipeline classes → what reads them
 PIPELINE_CLASSES = {"DDPMPipeline": "ddpm-folder", "DDIMPipeline": "ddpm-folder",
                     "StableDiffusionPipeline": "sd-folder", "StableDiffusionImg2ImgPipeline": "sd-folder",
                     "StableDiffusionInpaintPipeline": "sd-folder", "StableDiffusionXLPipeline": "sd-folder",
-                    "StableDiffusionXLImg2ImgPipeline": "sd-folder"}  # the SDXL refiner's
+                    "StableDiffusionXLImg2ImgPipeline": "sd-folder",  # the SDXL refiner's
+                    "LatentConsistencyModelPipeline": "sd-folder", "LatentConsistencyModelImg2ImgPipeline": "sd-folder"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # each kind of checkpoint: what it is called, and the options it understands beside device and dtype
 KINDS = {"run": ("an `ldm train` run", {"ema", "vae"}), "ddpm-folder": ("a diffusers DDPM/DDIM folder", set()),
-         "sd-folder": ("a diffusers Stable Diffusion folder", {"variant", "prediction"}),
-         "sd-file": ("a Stable Diffusion single file", {"ema", "config", "prediction"})}
+         "sd-folder": ("a diffusers Stable Diffusion folder", {"variant", "prediction", "preset"}),
+         "sd-file": ("a Stable Diffusion single file", {"ema", "config", "prediction", "preset"})}
 
 
 def checkpoint_kind(path: str | Path) -> str:
@@ -58,7 +59,8 @@ def checkpoint_kind(path: str | Path) -> str:
 
 def load_pipeline(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                   ema: bool = True, vae: str | Path | None = None, variant: str | None = None,
-                  config: StableDiffusionConfig | None = None, prediction: str | None = None) -> Pipeline:
+                  config: StableDiffusionConfig | None = None, prediction: str | None = None,
+                  preset: str | None = None) -> Pipeline:
     """Load any model ldm reads, ready to sample: a ``DiffusionPipeline`` or a ``StableDiffusion``.
 
     ``device`` (default: CUDA when there is one) and ``dtype`` (default float32) place the weights (a Stable
@@ -66,25 +68,29 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     elsewhere: ``ema`` (runs and single files: the EMA weights, which sample better; False for the raw ones),
     ``vae`` (a latent run: another `ldm train-vae` run with the same latent shape and scale), ``variant``
     (diffusers folders: e.g. "fp16"), ``config`` (single files: skip family detection), ``prediction`` ("eps"
-    or "v": override what the checkpoint says or implies; ``pipe.notes`` tells which).
+    or "v": override what the checkpoint says or implies; ``pipe.notes`` tells which), ``preset`` (Stable
+    Diffusion: "sd-turbo" or "sdxl-turbo", a distilled model whose weights look like SD 2.1's or SDXL's, sampled by
+    default as it was trained — its scheduler settings, 1 step, no guidance; detected without it from a name with
+    "turbo" in it or, for a folder, the scheduler it ships; "none" turns that off; ``pipe.notes`` tells which).
     """
     kind = checkpoint_kind(path)
     given = {name for name, value in dict(ema=not ema, vae=vae, variant=variant, config=config,
-                                          prediction=prediction).items() if value}
+                                          prediction=prediction, preset=preset).items() if value}
     what, takes = KINDS[kind]
     if given - takes:
         refused = ", ".join("ema=False (raw weights)" if name == "ema" else name for name in sorted(given - takes))
         raise ValueError(f"{path} is {what}: {refused} does not apply to it "
                          f"(it takes {', '.join(sorted(takes)) or 'no options'})")
+    check_preset(preset)
     device = device or default_device()
     if kind == "run":
         pipe = _load_run(path, ema, vae, device)
     elif kind == "ddpm-folder":
         pipe = DiffusionPipeline(*load_ddpm_folder(path))
     elif kind == "sd-folder":
-        pipe = StableDiffusion(**load_diffusers_folder(path, variant=variant, prediction=prediction))
+        pipe = StableDiffusion(**load_diffusers_folder(path, variant=variant, prediction=prediction, preset=preset))
     else:
-        pipe = StableDiffusion(**load_single_file(path, config=config, ema=ema, prediction=prediction))
+        pipe = StableDiffusion(**load_single_file(path, config=config, ema=ema, prediction=prediction, preset=preset))
     return pipe.to(device=device, dtype=dtype or torch.float32)
 
 

@@ -69,6 +69,18 @@ class DiffusionPipeline(Adaptable, Pipeline):
             return x
         return self.vae.decode(x / self.vae.config.scaling_factor)
 
+    def preview_options(self) -> dict:
+        """Pixels preview as themselves; a latent model's linear preview is fitted, on first use, to its own VAE on
+        images decoded from 256 typical latents (model-space N(0, I), the spread the scale factor gives the data)."""
+        if self.vae is None:
+            return dict(factor=1)
+
+        def typical_images() -> torch.Tensor:
+            z = torch.randn(self.shape(256), generator=torch.Generator().manual_seed(0)).to(self.device)
+            return self.decode(z)
+
+        return dict(factor=self.vae.config.downsample_factor, fit_images=typical_images, encode=self.encode)
+
     # --- conditioning ------------------------------------------------------------------------
     def condition(self, n: int, class_label: Labels, guidance_scale: float) -> tuple[Conditioning, Conditioning | None]:
         """(the class labels as a ``Conditioning``, the null label ∅ for guidance or None)."""
@@ -100,7 +112,7 @@ class DiffusionPipeline(Adaptable, Pipeline):
     def loop(self, n: int | None = None, *, sampler: str | None = None, num_inference_steps: int | None = None,
              seed: int | torch.Generator = 0, seeds: Sequence[int] | None = None, class_label: Labels = None,
              guidance_scale: float = 1.0, image: torch.Tensor | None = None, strength: float = 1.0,
-             x_T: torch.Tensor | None = None, **options) -> Iterator[StepRecord]:
+             x_T: torch.Tensor | None = None, preview="auto", **options) -> Iterator[StepRecord]:
         """The reverse process for n samples, in model space, as a generator of per-step records.
 
         Sample k's randomness (x_T, unless given, and the sampler's noise) comes from seed ``seeds[k]``, else
@@ -108,7 +120,8 @@ class DiffusionPipeline(Adaptable, Pipeline):
         ``image`` ((B, C, H, W) in [−1, 1]) with ``strength`` < 1 is image-to-image; n defaults to its batch
         (or to the number of seeds).
         ``options`` go to the sampler (``eta``, ``variance``, ``clip_x0``, ``timesteps``, ``spacing`` …) and
-        override the config's (``sampler_options``).
+        override the config's (``sampler_options``). Each record's ``preview`` (read lazily) is x̂_0 as an image,
+        made the ``preview`` way (``previewer``).
         """
         sampler, steps = sampler or self.default_sampler, num_inference_steps or self.default_steps
         n = n if n is not None else len(image) if image is not None else len(x_T) if x_T is not None else \
@@ -117,8 +130,9 @@ class DiffusionPipeline(Adaptable, Pipeline):
         g = generators(n, seed, seeds)
         x0 = None if image is None else self.encode(image)
         x_T, kwargs = self.start(sampler, steps, options, self.shape(n), g, x_T, x0, strength)
-        return get_sampler(sampler)(self.denoiser(guidance_scale, null), self.schedule, x_T, num_inference_steps=steps,
-                                    cond=cond, generator=g, **kwargs)
+        records = get_sampler(sampler)(self.denoiser(guidance_scale, null), self.schedule, x_T,
+                                       num_inference_steps=steps, cond=cond, generator=g, **kwargs)
+        return self.with_previews(records, preview)
 
     @torch.inference_mode()
     def __call__(self, n: int | None = None, *, num_inference_steps: int | None = None, seed: int = 0,

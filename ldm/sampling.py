@@ -26,6 +26,7 @@ from PIL import Image
 from .conditioning import Conditioning
 from .diffusion import PREDICTIONS, Model, Prediction
 from .images import to_pil, to_uint8
+from .preview import Previewer, with_previews
 from .samplers import (DEFAULT_SPACING, classifier_free_guidance, randn, resolve_sampler, run_to_end,
                        sampler_sigmas, sampler_timesteps)
 from .samplers.sigmas import SigmaSchedule
@@ -244,15 +245,17 @@ class Pipeline:
     def denoiser(self, guidance_scale: float = 1.0, uncond: Conditioning | None = None, guidance_rescale: float = 0.0) -> Model:
         """The UNet as a sampler model ``(x_t, t, Conditioning) → prediction``: in its dtype (and autocast), with
         the record's extra channels appended to x_t, classifier-free guided by ``uncond`` when the scale is not 1.
-        Latents stay float32 between steps whatever the weights' dtype."""
+        An LCM-distilled UNet (``time_cond_proj_dim``) is never guided: the scale reaches it as the record's
+        ``timestep_cond``, in one pass. Latents stay float32 between steps whatever the weights' dtype."""
 
         def unet(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
             if cond.concat is not None:
                 x = torch.cat([x, cond.concat], dim=1)
             with self._autocast():
-                return self.unet(x.to(self.dtype), t, cond.token, pooled=cond.pooled, size_ids=cond.size_ids).float()
+                return self.unet(x.to(self.dtype), t, cond.token, pooled=cond.pooled, size_ids=cond.size_ids,
+                                 timestep_cond=cond.timestep_cond).float()
 
-        if guidance_scale == 1.0:
+        if guidance_scale == 1.0 or getattr(self.unet.config, "time_cond_proj_dim", None) is not None:
             return unet
         return classifier_free_guidance(unet, guidance_scale, uncond, guidance_rescale)
 
@@ -260,6 +263,25 @@ class Pipeline:
         """How many steps ``loop`` runs: all S, or for image-to-image the last ``img2img_steps`` of them."""
         steps = num_inference_steps or self.default_steps
         return img2img_steps(steps, strength) if image is not None and strength < 1.0 else steps
+
+    # --- previews -------------------------------------------------------------------------------------
+    def previewer(self, kind: Any = "auto") -> Previewer:
+        """x̂_0 → a preview image (``ldm.preview.Previewer``): "auto", "linear", "tiny:PATH" (or an
+        ``AutoencoderTiny``), "full". Made once per kind (a fitted linear map is fitted once)."""
+        cache = self.__dict__.setdefault("_previewers", {})
+        key = kind if isinstance(kind, str) else id(kind)
+        if key not in cache:
+            cache[key] = Previewer(kind, self.decode, **self.preview_options())
+        return cache[key]
+
+    def preview_options(self) -> dict[str, Any]:
+        """What ``Previewer`` needs to know of this pipeline's model space: the factor from it to image pixels, and
+        the Stable Diffusion family (published linear factors, TAESD) or a way to fit a linear map."""
+        raise NotImplementedError
+
+    def with_previews(self, records, preview: Any = "auto"):
+        """The sampler's records with ``previewer(preview)`` on each (None: no previews)."""
+        return with_previews(records, None if preview in (None, "none") else self.previewer(preview))
 
     def run(self, records, total: int | None, progress: bool, output: Output) -> list[Image.Image] | torch.Tensor:
         """Run ``loop``'s records to the end with a progress bar and decode the last x_prev to ``output``."""

@@ -30,7 +30,7 @@ from .convert import (Layout, export_state_dict, foreign_names, from_openclip, i
                       sampling_to_diffusers, text_encoder_config_from_transformers, text_encoder_config_to_transformers,
                       text_encoder_layout, to_openclip, unet_config_from_diffusers, unet_config_to_diffusers, unet_layout,
                       vae_config_from_diffusers, vae_config_to_diffusers, vae_layout)
-from .sd_config import StableDiffusionConfig
+from .sd_config import SHIPPED_SAMPLERS, StableDiffusionConfig, choose_preset
 from .text_encoder import TextEncoder
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
@@ -53,6 +53,24 @@ class UnsupportedCheckpoint(CheckpointError):
 
 # --- single files -------------------------------------------------------------------------------
 def detect_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> StableDiffusionConfig:
+    """The model family, from the keys and shapes of an original-layout state dict (``detect_family``), and an
+    LCM-distilled UNet by its guidance projection ``time_embed.cond_proj.weight`` (C, time_cond_proj_dim)."""
+    config = detect_family(state_dict, source)
+    cond_proj = state_dict.get(UNET_PREFIX + "time_embed.cond_proj.weight")
+    if cond_proj is None:
+        return config
+    return lcm_defaults(config.with_(unet=config.unet.with_(time_cond_proj_dim=cond_proj.shape[1])))
+
+
+def lcm_defaults(config: StableDiffusionConfig) -> StableDiffusionConfig:
+    """An LCM-distilled UNet (``time_cond_proj_dim``) is sampled by default as diffusers' LatentConsistencyModelPipeline
+    samples it: 4 steps of the ``lcm`` sampler at guidance 8.5 (the w-embedding's; no classifier-free guidance)."""
+    if config.unet.time_cond_proj_dim is None or config.distilled is not None:
+        return config
+    return config.with_(distilled="lcm", default_sampler="lcm", default_steps=4, default_guidance=8.5)
+
+
+def detect_family(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> StableDiffusionConfig:
     """The model family, from the keys and shapes of an original-layout state dict.
 
     SD 2's prediction type (ε or v) is not in the weights: this returns v, as diffusers assumes;
@@ -98,6 +116,8 @@ def choose_prediction(config: StableDiffusionConfig, state: dict[str, torch.Tens
         return ("v" if declared.startswith("v") else "eps"), f"the file's modelspec.prediction_type={declared!r}"
     if metadata.get("global_step") == 875000:
         return "eps", "global_step 875000, the 2-base release"
+    if config.distilled:  # a preset (choose_preset) says which model this is: SD-Turbo predicts ε
+        return config.prediction, f"the {config.distilled} preset"
     if config.inpainting:
         return "eps", "the SD 2 inpainting model predicts ε"
     return "v", "SD 2 default (the 768 models); pass prediction='eps' (--prediction eps) for 2-base"
@@ -174,14 +194,16 @@ def pipeline_models(pipe) -> dict[str, torch.nn.Module]:
 
 
 def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None = None, ema: bool = True,
-                     prediction: str | None = None) -> dict[str, Any]:
+                     prediction: str | None = None, preset: str | None = None) -> dict[str, Any]:
     """An original-layout file: detect the family (unless ``config`` says), translate and load every component.
 
     ``ema`` takes the EMA UNet weights when the file has them (they sample better); ``prediction``
-    overrides the ε/v choice, which the notes explain. Returns ``components``."""
+    overrides the ε/v choice, ``preset`` ("sd-turbo", "sdxl-turbo"; "none") the distilled model a file name with
+    "turbo" in it implies (``sd_config.choose_preset``); the notes explain both. Returns ``components``."""
     source = str(path)
     state, metadata = load_weight_file(path)
     config = config or detect_config(state, source)
+    config, preset_note = choose_preset(config, preset, [Path(path).name], source=source)
     chosen, why = choose_prediction(config, state, metadata, prediction)
     if config.family == "sd2" and chosen != config.prediction:
         config = config.with_(size=768 if chosen == "v" else 512)  # the v models are the 768 ones
@@ -192,7 +214,8 @@ def load_single_file(path: str | Path, *, config: StableDiffusionConfig | None =
     state = from_openclip(state)  # OpenCLIP encoders (SD 2, SDXL) fuse q/k/v; other keys pass untouched
     for name, model in models.items():
         import_state_dict(model, state, layouts[name], f"{source} ({name})", assign=True)
-    return components(config, models, bundled_tokenizers(config), [f"prediction: {chosen} ({why})"])
+    notes = [f"prediction: {chosen} ({why})"] + ([preset_note] if preset_note else [])
+    return components(config, models, bundled_tokenizers(config), notes)
 
 
 def save_single_file(pipe, path: str | Path) -> Path:
@@ -222,10 +245,12 @@ def family_of(unet: UNetConfig, first_encoder: bool = True) -> str:
     return ("sd2" if unet.linear_projection else "sd1") + ("-inpainting" if unet.in_channels == 9 else "")
 
 
-def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, prediction: str | None = None) -> dict[str, Any]:
+def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, prediction: str | None = None,
+                          preset: str | None = None) -> dict[str, Any]:
     """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``,
     and for SDXL ``text_encoder_2/``, ``tokenizer_2/``; the SDXL refiner has only the latter pair); the prediction
-    type comes from ``scheduler_config.json`` unless ``prediction`` overrides it."""
+    type comes from ``scheduler_config.json`` unless ``prediction`` overrides it. A distilled model's sampling
+    defaults come from ``preset``, else from its names or the scheduler it ships (``sd_config.choose_preset``)."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
     unet_cfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
@@ -244,19 +269,33 @@ def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, pre
                     requires_aesthetics_score=index.get("requires_aesthetics_score", False))
     elif not first:
         raise CheckpointError(f"{folder} has no text encoder (neither text_encoder/ nor text_encoder_2/)")
-    sampling = sampling_from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    sampling = sampling_from_diffusers(scheduler)
     why = "the folder's scheduler_config.json"
     if prediction is not None:
         sampling, why = sampling.with_(prediction=prediction), "set by the caller"
     size = read_json(folder / "unet" / "config.json").get("sample_size", 64) * vae_cfg.downsample_factor
     pad = "zero" if (tokenizer or tokenizer_2).pad_id == 0 else "eos"
-    config = StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad=pad, family=family_of(unet_cfg, first),
-                                   size=size, sampling=sampling, **sdxl)
+    config = lcm_defaults(StableDiffusionConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, pad=pad,
+                                                family=family_of(unet_cfg, first), size=size, sampling=sampling, **sdxl))
+    config, preset_note = choose_preset(config, preset, folder_names(folder, index), scheduler.get("_class_name"),
+                                        str(folder), keep_sampling=True)
     models = build_models(config)
     for name, model in models.items():
         path = weight_file(folder / name, WEIGHT_STEMS[name], variant, what=name)
         import_state_dict(model, load_state_dict_file(path), folder_layouts(config)[name], str(path), assign=True)
-    return components(config, models, (tokenizer, tokenizer_2), [f"prediction: {config.prediction} ({why})"])
+    notes = [f"prediction: {config.prediction} ({why})"] + ([preset_note] if preset_note else [])
+    return components(config, models, (tokenizer, tokenizer_2), notes)
+
+
+def folder_names(folder: Path, index: dict[str, Any]) -> list[str]:
+    """What a diffusers folder is called: its name, the hub repository of a hub cache snapshot
+    (``models--stabilityai--sd-turbo/snapshots/<hash>``) and the ``_name_or_path`` diffusers may record."""
+    folder = folder.resolve()
+    names = [folder.name, str(index.get("_name_or_path") or "")]
+    if folder.parent.name == "snapshots":
+        names.append(folder.parent.parent.name)
+    return [name for name in names if name]
 
 
 def folder_layouts(config: StableDiffusionConfig) -> dict[str, Layout]:
@@ -274,9 +313,11 @@ def save_diffusers_folder(pipe, folder: str | Path) -> Path:
     pipeline_class = "StableDiffusionXLImg2ImgPipeline" if c.text is None else "StableDiffusionXLPipeline" if c.text_2 else \
         "StableDiffusionInpaintPipeline" if c.inpainting else "StableDiffusionPipeline"
     first = [["transformers", "CLIPTextModel"], ["transformers", "CLIPTokenizer"]] if c.text else [[None, None]] * 2
+    # a distilled model's default sampler as the scheduler it ships (so the folder reads back as one); else DDIM
+    scheduler_class = {v: k for k, v in SHIPPED_SAMPLERS.items()}.get(c.default_sampler, "DDIMScheduler")
     index = {"_class_name": pipeline_class, "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": first[0], "tokenizer": first[1],
-             "scheduler": ["diffusers", "DDIMScheduler"]}
+             "scheduler": ["diffusers", scheduler_class]}
     if c.text_2:
         index |= {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                   "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": c.zero_uncond}
@@ -284,7 +325,7 @@ def save_diffusers_folder(pipe, folder: str | Path) -> Path:
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     if c.requires_aesthetics_score:
         index["requires_aesthetics_score"] = True
-    configs = {"model_index.json": index, "scheduler/scheduler_config.json": sampling_to_diffusers(c.sampling),
+    configs = {"model_index.json": index, "scheduler/scheduler_config.json": sampling_to_diffusers(c.sampling, scheduler_class),
                "unet/config.json": unet_config_to_diffusers(c.unet) | {"sample_size": c.size // c.vae.downsample_factor},
                "vae/config.json": vae_config_to_diffusers(c.vae)}
     if c.text:
@@ -321,8 +362,10 @@ def inspect_checkpoint(path: str | Path, config: StableDiffusionConfig | None = 
     else:
         state, metadata = load_weight_file(path)
         config, ema = config or detect_config(state, str(path)), has_ema(state)
+        config, preset_note = choose_preset(config, None, [path.name], source=str(path))
         prediction, why = choose_prediction(config, state, metadata, None)
         config, notes = config.with_(prediction=prediction), [f"prediction: {prediction} ({why})"]
+        notes += [preset_note] if preset_note else []
         state = from_openclip(state)
         models, layouts = build_models(config), single_file_layouts(config)
         names = {name: foreign_names(m, layouts[name]).values() for name, m in models.items()}

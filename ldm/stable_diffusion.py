@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from itertools import islice
 from typing import Iterator, Sequence
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from PIL import Image
 
 from .adapters import Adaptable
 from .attention import set_attention_chunk
+from .blocks import guidance_scale_embedding
 from .conditioning import Conditioning
 from .perf import enable_fast_cpu
 from .samplers import StepRecord, get_sampler, randn, resolve_sampler, run_to_end
@@ -42,8 +44,29 @@ class StableDiffusion(Adaptable, Pipeline):
     ``pipe.unet(z_t, t, context)``, ``pipe.vae.decode(z)``, ``pipe.text_encoder(ids)``, ``pipe.tokenizer(texts)``.
     ``notes`` say how the loader decided what the checkpoint does not say (e.g. ε or v)."""
 
-    default_sampler = "dpm++2m"
-    default_steps = 25
+    @property
+    def default_sampler(self) -> str:
+        """The sampler ``loop`` runs when not told: the model's (``config.default_sampler``: a distilled model's), else
+        DPM++ 2M."""
+        return self.config.default_sampler or "dpm++2m"
+
+    @property
+    def default_steps(self) -> int:
+        """The model's number of steps (``config.default_steps``: 1 for Turbo), else 25."""
+        return self.config.default_steps or 25
+
+    @property
+    def default_guidance(self) -> float:
+        """The model's guidance scale (``config.default_guidance``: 1, off, for Turbo), else 7.5."""
+        return 7.5 if self.config.default_guidance is None else self.config.default_guidance
+
+    def guidance(self, guidance_scale: float | None) -> float:
+        """The classifier-free guidance scale ``loop`` runs for ``guidance_scale`` (None: ``default_guidance``). A scale
+        ≤ 1 is no guidance, as diffusers reads it (``guidance_scale > 1`` guides): 1, so the UNet sees the prompt
+        batch alone — 0 too, which ``DiffusionPipeline`` reads as unconditional sampling. An LCM-distilled UNet
+        reads the scale itself (``condition``), so it keeps it."""
+        scale = self.default_guidance if guidance_scale is None else guidance_scale
+        return 1.0 if scale <= 1.0 and self.unet.config.time_cond_proj_dim is None else scale
 
     def __init__(self, tokenizer: CLIPTokenizer | None, text_encoder: TextEncoder | None, unet: UNet, vae: AutoencoderKL,
                  config: StableDiffusionConfig, tokenizer_2: CLIPTokenizer | None = None,
@@ -222,8 +245,12 @@ class StableDiffusion(Adaptable, Pipeline):
         longest of either takes (the shorter padded with empty chunks, as A1111 does). SDXL's size ids  [Podell et
         al. 2023, §2.2] — original size, crop corner, target size — are the same in both; the refiner's (§2.5) end
         in an aesthetic score instead, high for the prompt and low for the negative, so guidance steers away from
-        low-rated images."""
-        chunks = self.chunk_count(prompts + (negatives or []) if guidance_scale != 1.0 else prompts)
+        low-rated images. An LCM-distilled UNet (``time_cond_proj_dim``) is not guided: it reads the scale as the
+        w-embedding of w = guidance_scale − 1 (``timestep_cond``; diffusers' LatentConsistencyModelPipeline, whose
+        ε_∅ + s·(ε_c − ε_∅) is the paper's ε_c + w·(ε_c − ε_∅)  [Luo et al. 2023, §4.2]), so no negatives."""
+        lcm_dim = self.unet.config.time_cond_proj_dim
+        guided = guidance_scale != 1.0 and lcm_dim is None
+        chunks = self.chunk_count(prompts + (negatives or []) if guided else prompts)
         context, pooled = self.embed_prompts(prompts, clip_skip, chunks)
 
         def size_ids(score: float) -> torch.Tensor | None:
@@ -233,8 +260,10 @@ class StableDiffusion(Adaptable, Pipeline):
             ids = torch.tensor([[height, width, 0, 0, *last]], device=self.device, dtype=self.dtype)
             return ids.expand(len(prompts), -1)
 
-        cond = Conditioning(context=context, pooled=pooled, size_ids=size_ids(aesthetic_score))
-        if guidance_scale == 1.0:
+        w = None if lcm_dim is None else guidance_scale_embedding(
+            torch.full((len(prompts),), guidance_scale - 1.0), lcm_dim).to(self.device, self.dtype)
+        cond = Conditioning(context=context, pooled=pooled, size_ids=size_ids(aesthetic_score), timestep_cond=w)
+        if not guided:
             return cond, None
         if negatives is None:
             context, pooled = torch.zeros_like(context), None if pooled is None else torch.zeros_like(pooled)
@@ -244,7 +273,7 @@ class StableDiffusion(Adaptable, Pipeline):
 
     @torch.inference_mode()
     def loop(self, prompt: Prompt, negative_prompt: Prompt | None = None, *, width: int | None = None,
-             height: int | None = None, num_inference_steps: int | None = None, guidance_scale: float = 7.5,
+             height: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
              sampler: str | None = None, seed: int | torch.Generator = 0, seeds: Sequence[int] | None = None,
              num_images_per_prompt: int = 1, strength: float = 1.0, image: ImageInput | None = None,
              mask: ImageInput | None = None, x_T: torch.Tensor | None = None, guidance_rescale: float = 0.0,
@@ -259,9 +288,14 @@ class StableDiffusion(Adaptable, Pipeline):
         order, so seeds match its images (diffusers given a list of generators). ``guidance_rescale`` (φ, e.g. 0.7
         for zero-terminal-SNR v-models) tempers strong guidance. ``clip_skip`` k reads the text encoders k − 1
         blocks early (``embed_prompts``). ``aesthetic_score`` and ``negative_aesthetic_score`` are the SDXL refiner's
-        (``condition``; other models have no such input). ``options`` go to the sampler.
+        (``condition``; other models have no such input). ``options`` go to the sampler. ``sampler``,
+        ``num_inference_steps`` and ``guidance_scale`` default to the model's (``default_sampler``, ``guidance`` …).
         """
+        guidance_scale = self.guidance(guidance_scale)
         sampler, steps = sampler or self.default_sampler, num_inference_steps or self.default_steps
+        if resolve_sampler(sampler)[0] == "lcm" and self.unet.config.time_cond_proj_dim is None and not self.loras:
+            warnings.warn("the LCM sampler expects an LCM-distilled model or an LCM-LoRA (pipe.load_lora); this UNet "
+                          "is neither, and its few-step images will be blurred or noisy", stacklevel=2)
         loop = get_sampler(sampler)
         if self.config.inpainting and mask is None:
             raise ValueError("this is an inpainting model: pass image= and mask= (or use pipe.inpaint)")

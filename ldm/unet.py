@@ -52,6 +52,9 @@ class UNetConfig:
     # size/crop numbers, added_cond_dim wide in all (SDXL: 1280 + 6·256 = 2816), enters the time embedding
     added_cond_dim: int | None = None
     added_time_dim: int = 256  # sinusoidal features per size/crop number
+    # an LCM-distilled UNet's guidance input [Luo et al. 2023, §4.2]: the w-embedding of the guidance scale
+    # (``blocks.guidance_scale_embedding``, this wide) is projected and added to the timestep features
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         if len(self.attention) != len(self.channel_mult):
@@ -160,7 +163,8 @@ class UNet(nn.Module):
     Shapes: x (B, in_channels, H, W), t (B,) or scalar, cond: (B,) int64 labels for class-conditional
     models, (B, S, context_dim) for cross-attention models, or None; mask (B, S) bool, True = attend
     → (B, out_channels, H, W). Models with added_cond_dim (SDXL) also take pooled (B, P) and size_ids (B, n)
-    (see ``added_embedding``).
+    (see ``added_embedding``); models with time_cond_proj_dim (LCM-distilled) take timestep_cond
+    (B, time_cond_proj_dim), the w-embedding of the guidance scale (``ldm.blocks.guidance_scale_embedding``).
     """
 
     gradient_checkpointing = False  # recompute each stage in backward (ldm.gradient_checkpointing)
@@ -169,7 +173,8 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = config
         emb_dim = 4 * c.channels
-        self.time_embedding = TimestepEmbedding(c.channels, emb_dim, c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(c.channels, emb_dim, c.flip_sin_to_cos, c.freq_shift,
+                                                cond_dim=c.time_cond_proj_dim)
         self.class_embedding = nn.Embedding(c.num_classes + 1, c.context_dim if c.label_context else emb_dim) \
             if c.num_classes else None
         # only TimestepEmbedding's two layers are used here: added_embedding builds the input features itself
@@ -260,12 +265,14 @@ class UNet(nn.Module):
         return mlp.linear_2(F.silu(mlp.linear_1(features.to(mlp.linear_1.weight.dtype))))
 
     def embed(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int, device: torch.device,
-              pooled: torch.Tensor | None = None, size_ids: torch.Tensor | None = None):
+              pooled: torch.Tensor | None = None, size_ids: torch.Tensor | None = None,
+              timestep_cond: torch.Tensor | None = None):
         """The per-sample embedding added in every ResBlock, and the context for cross-attention (or None)."""
         c = self.config
         t = torch.as_tensor(t, device=device)
         t = t.expand(batch) if t.dim() == 0 else t
-        emb = self.time_embedding(t)
+        self.check_timestep_cond(timestep_cond, batch)
+        emb = self.time_embedding(t, None if timestep_cond is None else timestep_cond.to(device))
         if self.add_embedding is not None:
             emb = emb + self.added_embedding(pooled, size_ids, batch)
         elif pooled is not None or size_ids is not None:
@@ -292,11 +299,26 @@ class UNet(nn.Module):
             raise ValueError("this UNet is unconditional (num_classes=None, context_dim=None) but a cond was passed")
         return emb, context
 
+    def check_timestep_cond(self, timestep_cond: torch.Tensor | None, batch: int) -> None:
+        """An LCM-distilled UNet (time_cond_proj_dim set) needs the w-embedding, one row per sample; any other UNet
+        has no input for it."""
+        dim = self.config.time_cond_proj_dim
+        if dim is None:
+            if timestep_cond is not None:
+                raise ValueError("this UNet takes no timestep_cond (time_cond_proj_dim=None: not an LCM-distilled "
+                                 "UNet), but one was passed")
+            return
+        if timestep_cond is None or timestep_cond.shape != (batch, dim):
+            got = None if timestep_cond is None else tuple(timestep_cond.shape)
+            raise ValueError(f"this LCM-distilled UNet (time_cond_proj_dim={dim}) needs timestep_cond of shape "
+                             f"({batch}, {dim}), the guidance scale's w-embedding "
+                             f"(ldm.blocks.guidance_scale_embedding(w, {dim})); got {got}")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, *, pooled: torch.Tensor | None = None,
-                size_ids: torch.Tensor | None = None) -> torch.Tensor:
+                size_ids: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        emb, context = self.embed(t, cond, x.shape[0], x.device, pooled, size_ids)
+        emb, context = self.embed(t, cond, x.shape[0], x.device, pooled, size_ids, timestep_cond)
         h = self.conv_in(cpu_channels_last(x))
         skips = [h]
         for stage in self.down:

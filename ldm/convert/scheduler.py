@@ -12,6 +12,8 @@ BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squared
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 CLIPPING_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 DDPM_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+# LCMScheduler's settings of its own: ldm's ``lcm`` sampler has them as defaults (its plan and boundary scalings)
+LCM_DEFAULTS = {"original_inference_steps": 50, "timestep_scaling": 10.0}
 
 
 def sampling_from_diffusers(cfg: dict[str, Any]) -> SamplingConfig:
@@ -20,7 +22,9 @@ def sampling_from_diffusers(cfg: dict[str, Any]) -> SamplingConfig:
     Absent keys take ``DDPMScheduler``'s defaults (linear β 1e-4 → 0.02 over T = 1000, ε, clip_sample true for
     DDPM/DDIM schedulers and false for the others, fixed_small, no steps_offset, set_alpha_to_one true); an absent ``timestep_spacing`` stays None: each sampler's
     own default. "fixed_small_log" is the same variance as "fixed_small". Trained betas, learned variances, dynamic
-    thresholding and a clip range other than 1 are refused by name: ldm would sample something else.
+    thresholding and a clip range other than 1 are refused by name: ldm would sample something else. An
+    ``LCMScheduler`` (an LCM folder: "leading", steps_offset 1, no clipping) reads as any other; its own
+    original_inference_steps and timestep_scaling must be the ``lcm`` sampler's (50, 10), which ldm keeps there.
     """
     beta = cfg.get("beta_schedule", "linear")
     if beta not in BETA_SCHEDULES or cfg.get("trained_betas") is not None:
@@ -33,6 +37,9 @@ def sampling_from_diffusers(cfg: dict[str, Any]) -> SamplingConfig:
         raise ValueError(f"scheduler variance_type {variance!r} is not supported (known: {', '.join(DDPM_VARIANCES)})")
     if cfg.get("thresholding"):
         raise ValueError("scheduler thresholding=true (dynamic thresholding) is not supported")
+    for option, default in LCM_DEFAULTS.items():
+        if cfg.get(option) is not None and cfg[option] != default:
+            raise ValueError(f"scheduler {option}={cfg[option]!r} is not supported (ldm's lcm sampler: {default})")
     # only DDPM and DDIM schedulers clip x̂_0, by default; the others (PNDM, Euler, DPM-Solver …) have no such option
     clip = bool(cfg.get("clip_sample", cfg.get("_class_name", "DDPMScheduler") in CLIPPING_SCHEDULERS))
     if clip and float(cfg.get("clip_sample_range", 1.0)) != 1.0:

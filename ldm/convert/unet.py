@@ -63,6 +63,9 @@ def unet_layout(config: UNetConfig, fmt: Format) -> Layout:
             (r"^conv_in\.", "input_blocks.0.0."), (r"^norm_out\.", "out.0."), (r"^conv_out\.", "out.2."),
             # SDXL's added conditioning: label_emb = Sequential(Sequential(Linear, SiLU, Linear))
             (r"^add_embedding\.linear_1\.", "label_emb.0.0."), (r"^add_embedding\.linear_2\.", "label_emb.0.2."),
+            # an LCM-distilled UNet's guidance projection: CompVis code has none, and diffusers' single-file loader
+            # maps no such key; ldm writes and reads it beside time_embed's layers under this name
+            (r"^time_embedding\.cond_proj\.", "time_embed.cond_proj."),
         ]
     else:
         inner = [(resblock + "skip\\.", r"\1.conv_shortcut.")]
@@ -86,13 +89,9 @@ FIXED_OPTIONS: dict[str, tuple] = {
 }
 
 
-def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
-    """Read a diffusers ``unet/config.json`` (``UNet2DModel`` or ``UNet2DConditionModel``) into a ``UNetConfig``.
-
-    Of the added conditionings only SDXL's addition_embed_type "text_time" is known: its
-    projection_class_embeddings_input_dim is ``added_cond_dim``, addition_time_embed_dim ``added_time_dim``.
-    """
-    for option in ("class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
+def check_supported_options(cfg: dict) -> None:
+    """Refuse, by name, the diffusers UNet options that would change the computation in a way ldm does not build."""
+    for option in ("class_embed_type", "encoder_hid_dim"):
         if cfg.get(option) is not None:
             raise ValueError(f"diffusers UNet option {option}={cfg[option]!r} is not supported yet")
     added = cfg.get("addition_embed_type")
@@ -101,6 +100,15 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     for option, allowed in FIXED_OPTIONS.items():  # options that change the computation, where ldm has one way
         if option in cfg and cfg[option] not in allowed:
             raise ValueError(f"diffusers UNet option {option}={cfg[option]!r} is not supported (ldm: {allowed[0]!r})")
+
+
+def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
+    """Read a diffusers ``unet/config.json`` (``UNet2DModel`` or ``UNet2DConditionModel``) into a ``UNetConfig``.
+
+    Added conditionings known: SDXL's addition_embed_type "text_time" (projection_class_embeddings_input_dim is
+    ``added_cond_dim``, addition_time_embed_dim ``added_time_dim``) and an LCM-distilled UNet's time_cond_proj_dim."""
+    check_supported_options(cfg)
+    added = cfg.get("addition_embed_type")
     widths = list(cfg["block_out_channels"])
     base = widths[0]
     if any(w % base for w in widths):
@@ -142,7 +150,7 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         context_dim=context_dim, transformer_depth=tuple(depth) if isinstance(depth, (list, tuple)) else depth,
         linear_projection=cfg.get("use_linear_projection", False),
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=float(cfg.get("freq_shift", 0)),
-        asymmetric_downsample=cfg.get("downsample_padding", 1) == 0,
+        asymmetric_downsample=cfg.get("downsample_padding", 1) == 0, time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
         added_cond_dim=cfg["projection_class_embeddings_input_dim"] if added else None,
         added_time_dim=cfg["addition_time_embed_dim"] if added else 256,
     )
@@ -168,5 +176,5 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         "downsample_padding": 0 if config.asymmetric_downsample else 1,
         "addition_embed_type": "text_time" if config.added_cond_dim else None,
         "addition_time_embed_dim": config.added_time_dim if config.added_cond_dim else None,
-        "projection_class_embeddings_input_dim": config.added_cond_dim,
+        "projection_class_embeddings_input_dim": config.added_cond_dim, "time_cond_proj_dim": config.time_cond_proj_dim,
     }

@@ -16,16 +16,18 @@ from .dpm_sde import dpmpp_sde
 from .euler import euler, euler_ancestral, euler_timesteps, sigma_steps, sigmas_at
 from .guidance import classifier_free_guidance
 from .heun import heun
+from .lcm import lcm, lcm_timesteps
 from .lms import lms
 from .sigmas import SIGMA_SCHEDULES, SigmaSchedule
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "euler": euler, "euler_a": euler_ancestral,
             "dpm++2m_sde": dpmpp_2m_sde, "dpm++3m": dpmpp_3m, "dpm++sde": dpmpp_sde,
-            "heun": heun, "lms": lms}
+            "heun": heun, "lms": lms, "lcm": lcm}
 # The spacing each sampler's diffusers scheduler class uses when a config does not say (SD 1.5's does not).
 DEFAULT_SPACING: dict[str, Spacing] = {"ddpm": "leading", "ddim": "leading", "dpm++2m": "linspace", "euler": "linspace",
                                        "euler_a": "linspace", "dpm++2m_sde": "linspace", "dpm++3m": "linspace",
-                                       "dpm++sde": "linspace", "heun": "linspace", "lms": "linspace"}
+                                       "dpm++sde": "linspace", "heun": "linspace", "lms": "linspace",
+                                       "lcm": "leading"}  # LCMScheduler's; its own plan (lcm_timesteps) ignores it
 # The samplers built on DPM-Solver's plan (``dpm_solver_timesteps``, ``dpm_solver_sigma_steps``).
 DPM_SOLVERS = ("dpm++2m", "dpm++2m_sde", "dpm++3m")
 # The samplers that step in σ and so take a σ schedule (``sigmas=``): DPM-Solver's, the Euler family and DPM++ SDE.
@@ -37,7 +39,7 @@ ALIASES: dict[str, tuple[str, SigmaSchedule | None]] = {
     "DPM++ 2M SDE Karras": ("dpm++2m_sde", "karras"),
     "DPM++ 3M": ("dpm++3m", None), "DPM++ 3M Karras": ("dpm++3m", "karras"),
     "DPM++ SDE": ("dpm++sde", None), "DPM++ SDE Karras": ("dpm++sde", "karras"), "Heun": ("heun", None),
-    "LMS": ("lms", None), "LMS Karras": ("lms", "karras"), "DDIM": ("ddim", None),
+    "LMS": ("lms", None), "LMS Karras": ("lms", "karras"), "DDIM": ("ddim", None), "LCM": ("lcm", None),
 }
 SAMPLER_NAMES = (*SAMPLERS, *ALIASES)
 
@@ -75,7 +77,8 @@ def sampler_timesteps(name: str, schedule: NoiseSchedule, num_inference_steps: i
 
     They differ by sampler as diffusers' schedulers do: DPM-Solver splits [0, T) into S + 1 points
     ("leading" steps by ⌊T/(S+1)⌋), Euler, Heun and LMS leave "linspace" unrounded; DDIM and DDPM use
-    ``schedule.timesteps``. With a σ schedule (named, or implied by a UI name), the timesteps of its σ's
+    ``schedule.timesteps``; LCM, S evenly spaced steps of its 50-step distillation schedule (``lcm_timesteps``,
+    whatever the spacing). With a σ schedule (named, or implied by a UI name), the timesteps of its σ's
     (fractional for the Euler family; ``sigma_steps``, ``dpm_solver_sigma_steps``). Heun's are its S outer steps.
     """
     key, sigmas = resolve_sampler(name, sigmas)
@@ -85,6 +88,8 @@ def sampler_timesteps(name: str, schedule: NoiseSchedule, num_inference_steps: i
         return dpm_solver_timesteps(schedule, num_inference_steps, spacing, steps_offset)
     if key in SIGMA_SAMPLERS:
         return sigma_steps(schedule, num_inference_steps, spacing, steps_offset, sigmas=sigmas)[0]
+    if key == "lcm":
+        return lcm_timesteps(schedule.num_train_timesteps, num_inference_steps)
     return schedule.timesteps(num_inference_steps, spacing, steps_offset)
 
 
@@ -123,8 +128,9 @@ def sample(
     x = randn(shape, generator, device) if x_T is None else x_T
     if options.get("timesteps") is not None:
         steps = len(options["timesteps"])
-    else:  # each sampler's own default: all T steps for ddpm, 50 for the others
-        steps = options.get("num_inference_steps") or (schedule.num_train_timesteps if sampler == "ddpm" else 50)
+    else:  # each sampler's own default: all T steps for ddpm, 4 for lcm, 50 for the others
+        default = {"ddpm": schedule.num_train_timesteps, "lcm": 4}.get(resolve_sampler(sampler)[0], 50)
+        steps = options.get("num_inference_steps") or default
     return run_to_end(loop(model, schedule, x, generator=generator, **options), steps, progress, sampler).x_prev
 
 
@@ -132,6 +138,6 @@ __all__ = [
     "ALIASES", "DEFAULT_SPACING", "DPM_SOLVERS", "SAMPLERS", "SAMPLER_NAMES", "SIGMA_SAMPLERS", "SIGMA_SCHEDULES",
     "StepRecord", "classifier_free_guidance", "ddim", "ddpm", "dpm_solver_sigma_steps", "dpm_solver_timesteps",
     "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_sde", "euler", "euler_ancestral", "euler_timesteps", "get_sampler",
-    "heun", "lms", "randn", "resolve_sampler", "run_to_end", "sample", "sampler_sigmas", "sampler_timesteps",
-    "sigma_steps",
+    "heun", "lcm", "lcm_timesteps", "lms", "randn", "resolve_sampler", "run_to_end", "sample", "sampler_sigmas",
+    "sampler_timesteps", "sigma_steps",
 ]

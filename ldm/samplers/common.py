@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Iterator
 
 import torch
@@ -13,13 +14,23 @@ from ..diffusion import Model, Prediction, split_prediction
 
 @dataclass
 class StepRecord:
-    """One reverse step, t → t_prev: its input x_t, the model's x̂_0, and the result x_prev."""
+    """One reverse step, t → t_prev: its input x_t, the model's x̂_0, and the result x_prev.
+
+    A pipeline's records also carry a ``previewer`` (``ldm.preview``): ``record.preview`` is then x̂_0 as an image in
+    [−1, 1], computed the first time it is read, so a loop that never looks costs nothing."""
 
     index: int  # 0 … S−1
     t: int
     x_t: torch.Tensor
     x0_pred: torch.Tensor
     x_prev: torch.Tensor
+    previewer: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def preview(self) -> torch.Tensor:
+        if self.previewer is None:
+            raise ValueError("this record has no previewer: take records from a pipeline's loop, or set .previewer")
+        return self.previewer(self.x0_pred)
 
 
 SamplerLoop = Iterator[StepRecord]

@@ -1,0 +1,90 @@
+"""``ldm sample`` and ``ldm evaluate``: toy runs and diffusers DDPM/DDIM folders, sampled and scored."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..images import save_grid
+from ..metrics import evaluate_digits, load_samples_npy
+from ..pipeline import DiffusionPipeline
+from ..samplers import resolve_sampler
+from .common import (add_adapter_options, add_adapters, add_model, add_sampling, add_seeds, denoise, load,
+    model_path, number, trajectory_path)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    pipe = load(args)
+    if not isinstance(pipe, DiffusionPipeline):
+        raise ValueError(f"{model_path(args)} is a Stable Diffusion checkpoint: use `ldm txt2img`")
+    add_adapters(pipe, args)
+    args.n = len(args.seeds) if args.seeds else args.n
+    class_label, num_classes = args.class_label, pipe.unet.config.num_classes
+    if class_label is None and num_classes:  # a class-conditional model: one column per class
+        class_label = torch.arange(args.n) % num_classes
+        args.nrow = args.nrow or num_classes
+    # the rest (spacing, clipping, DDPM variance) comes from the model
+    options = dict(sampler=args.sampler, sigmas=args.sigmas, num_inference_steps=args.steps, seed=args.seed,
+                   seeds=args.seeds, class_label=class_label, guidance_scale=args.guidance_scale)
+    if resolve_sampler(args.sampler)[0] == "ddim":
+        options["eta"] = args.eta
+    out = Path(args.out)
+    if args.trajectory:
+        with torch.inference_mode():
+            samples = denoise(pipe, pipe.loop(args.n, **options), args.steps, trajectory_path(args))
+    else:
+        samples = pipe(args.n, batch_size=args.batch_size, output="tensor", **options)
+    save_grid(samples, out, nrow=args.nrow, scale=args.scale)
+    print(f"wrote {out}")
+    if args.npy:
+        np.save(args.npy, ((samples.float().cpu().clamp(-1, 1) + 1) / 2).numpy())
+        print(f"wrote {args.npy} ({args.n}×{samples.shape[1]}×{samples.shape[2]}×{samples.shape[3]} float32 in [0, 1])")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    labels = None
+    if Path(model_path(args)).suffix == ".npy":
+        samples = load_samples_npy(model_path(args))
+    else:
+        pipe = load(args)
+        add_adapters(pipe, args)
+        num_classes = pipe.unet.config.num_classes
+        labels = torch.arange(args.n) % num_classes if num_classes else None  # every class equally often
+        samples = pipe(args.n, sampler=args.sampler, sigmas=args.sigmas, num_inference_steps=args.steps, seed=args.seed,
+                       class_label=labels, guidance_scale=args.guidance_scale, output="tensor").cpu()
+    if samples.shape[-2:] != (28, 28):  # e.g. the latent recipe's 32×32 digits: the classifier reads 28×28
+        samples = torch.nn.functional.interpolate(samples.float(), size=(28, 28), mode="bilinear", antialias=True)
+    print(evaluate_digits(samples, labels).summary())
+
+
+def add_sample_commands(sub) -> None:
+    s = sub.add_parser("sample", help="sample from a trained run or a diffusers DDPM/DDIM folder",
+                       epilog="A diffusers folder (e.g. google/ddpm-cifar10-32 or google/ddpm-church-256, downloaded) is "
+                              "sampled with its scheduler's settings: x0 clipping, DDPM variance, timestep spacing.")
+    add_model(s, "run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
+    add_sampling(s, "ddim", 50, 1.0, 64)
+    add_seeds(s)
+    add_adapter_options(s)
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
+    s.add_argument("--batch-size", type=number(int, 1), default=128,
+                   help="samples per UNet batch (lower it to save memory: a 256×256 DDPM model needs about 0.3 GB per sample)")
+    s.add_argument("--class", dest="class_label", type=int,
+                   help="class label for a class-conditional model (default: every class in turn, a column each)")
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--npy", help="also save samples as an N×C×H×W float32 array in [0, 1]")
+    s.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png and .gif (x_t | predicted x0)")
+    s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--nrow", type=int)
+    s.add_argument("--scale", type=int, default=2, help="enlarge the grid image by this factor")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="score MNIST samples with a digit classifier trained on real MNIST",
+                       epilog="Reports the share of confidently classified samples, the class spread, a Fréchet "
+                              "distance on the classifier's features and, for class-conditional runs, label accuracy.")
+    add_model(e, "run directory / checkpoint (samples are drawn) or a samples .npy in [0, 1]")
+    add_sampling(e, "ddim", 50, 1.0, 1000)
+    add_adapter_options(e, embeddings=False)
+    e.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,132 @@
+"""Live previews: the linear latent → RGB map and its least-squares fit, lazily computed record previews, the preview
+files the CLI keeps up to date, and the notebook display."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldm.pipeline import DiffusionPipeline
+from ldm.preview import LATENT_RGB_FACTORS, LatentRGB, PreviewFiles, Previewer, fit_latent_rgb, live, psnr
+from ldm.sampling import SamplingConfig
+from ldm.schedule import ScheduleConfig
+from ldm.unet import UNet, UNetConfig
+from ldm.vae import AutoencoderKL, VAEConfig
+
+from _fixtures import loud
+
+
+def test_fit_recovers_an_exactly_affine_decoder():
+    """Images built as z · W + b per latent pixel (each covering 4×4 pixels) give back W and b."""
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(4, 3, generator=g) * 0.3, torch.randn(3, generator=g) * 0.1
+    latents = torch.randn(6, 4, 8, 8, generator=g)
+    images = F.interpolate(torch.einsum("bchw,cr->brhw", latents, weight) + bias[:, None, None], scale_factor=4)
+    fitted = fit_latent_rgb(lambda x: latents, images)
+    assert torch.allclose(fitted.weight, weight, atol=1e-5) and torch.allclose(fitted.bias, bias, atol=1e-5)
+    assert psnr(fitted(latents), LatentRGB(weight, bias)(latents)) > 90
+
+
+def test_fit_refuses_latents_that_do_not_tile_the_image():
+    with pytest.raises(ValueError, match="whole block"):
+        fit_latent_rgb(lambda x: torch.zeros(1, 4, 7, 7), torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_published_factors_keep_a_colour_images_dominant_colours(family):
+    """Latents that the family's map sends closest to pure red, green, blue and yellow patches (its least-squares
+    inverse) preview as those colours: the map's rows are latent channels, its columns R, G, B, bias added."""
+    preview = LatentRGB.for_family(family)
+    colours = torch.tensor([[0.8, -0.8, -0.8], [-0.8, 0.8, -0.8], [-0.8, -0.8, 0.8], [0.8, 0.8, -0.8]])
+    z = torch.linalg.lstsq(preview.weight.T.double(), (colours - preview.bias).T.double()).solution.T.float()
+    image = preview(z[:, :, None, None].expand(-1, -1, 2, 2))[:, :, 0, 0]
+    for want, got in zip(colours, image):
+        assert torch.equal(want > 0, got > 0), f"{family}: {want.tolist()} previews as {got.tolist()}"
+    assert LATENT_RGB_FACTORS["sd"][0][0] == (0.3512, 0.2297, 0.3227)  # SD 2 shares SD 1's VAE and factors
+    assert torch.equal(LatentRGB.for_family("sd2").weight, LatentRGB.for_family("sd1").weight)
+
+
+def test_linear_preview_refuses_latents_of_another_width():
+    with pytest.raises(ValueError, match="4 latent channels got latents of shape \\(1, 16, 8, 8\\)"):
+        LatentRGB.for_family("sd1")(torch.zeros(1, 16, 8, 8))
+
+
+def tiny_pipeline(vae: AutoencoderKL | None = None) -> DiffusionPipeline:
+    channels = 1 if vae is None else vae.config.latent_channels
+    unet = UNet(UNetConfig(in_channels=channels, out_channels=channels, sample_size=8 if vae else 16, channels=16,
+                           channel_mult=(1, 2), attention=(False, False), mid_attention=False, norm_groups=8,
+                           num_res_blocks=1))
+    return DiffusionPipeline(loud(unet), SamplingConfig(schedule=ScheduleConfig(num_train_timesteps=100)), vae)
+
+
+def test_records_compute_their_preview_only_when_read():
+    pipe = tiny_pipeline()
+    calls = []
+
+    def counting(x0):
+        calls.append(1)
+        return x0
+
+    records = list(pipe.loop(2, num_inference_steps=3, preview=counting))
+    assert calls == []
+    assert records[1].preview is records[1].preview and calls == [1]  # computed once, kept
+    assert torch.equal(list(pipe.loop(2, num_inference_steps=3))[2].preview, records[2].x0_pred)  # pixels: x̂₀ itself
+    with pytest.raises(ValueError, match="no previewer"):
+        _ = list(pipe.loop(1, num_inference_steps=1, preview=None))[0].preview
+
+
+def test_latent_pipeline_previews_at_image_size_and_refuses_a_tiny_decoder():
+    vae = AutoencoderKL(VAEConfig.mnist().with_(scaling_factor=0.6)).eval()
+    pipe = tiny_pipeline(vae)
+    record = list(pipe.loop(2, num_inference_steps=2))[-1]
+    assert pipe.previewer().kind == "linear" and record.preview.shape == (2, 1, 32, 32)
+    full = pipe.previewer("full")(record.x0_pred)
+    assert torch.allclose(full, pipe.decode(record.x0_pred).clamp(-1, 1))
+    with pytest.raises(ValueError, match="Stable Diffusion latents"):
+        pipe.previewer("tiny:/nowhere/taesd_decoder.safetensors")
+    with pytest.raises(ValueError, match="unknown preview 'sharp'"):
+        pipe.previewer("sharp")
+
+
+def test_preview_files_are_replaced_whole_and_animated(tmp_path):
+    pipe = tiny_pipeline()
+    out, gif = tmp_path / "out.preview.png", tmp_path / "out.preview.gif"
+    files = PreviewFiles(out, gif, total=5, every=2)
+    seen = []
+    for record in files.watch(pipe.loop(3, num_inference_steps=5)):
+        if out.exists():
+            seen.append(Image.open(out).size)
+    assert seen == [(2 * 16 + 3 * 2,) * 2] * 4  # from step 1 on: the 3 previews in a 2 × 2 grid
+    assert files.due == {1, 3, 4} and len(files.frames) == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left behind
+    assert Image.open(gif).n_frames == 3
+    with pytest.raises(ValueError, match="--preview-every must be at least 1"):
+        PreviewFiles(out, gif, total=5, every=0)
+
+
+def test_live_updates_one_display_in_place(monkeypatch):
+    import IPython.display
+
+    shown = []
+
+    class Handle:
+        def update(self, image):
+            shown.append(("update", image.size))
+
+    def display(image, display_id):
+        shown.append(("display", image.size))
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    records = list(live(tiny_pipeline().loop(2, num_inference_steps=4), every=2, scale=2))
+    assert len(records) == 4
+    assert [kind for kind, _ in shown] == ["display", "update"]
+    assert shown[0][1] == (2 * (2 * 16 + 3 * 2), 2 * (16 + 2 * 2))  # a 2-image grid (padding 2) at scale 2
+
+
+def test_previewer_kinds_for_pixel_models_are_the_image_itself():
+    previewer = Previewer("full", lambda x: x * 0, factor=1)
+    x = torch.randn(1, 3, 4, 4).clamp(-1, 1)
+    assert previewer.kind == "pixels" and torch.equal(previewer(x), x)
