@@ -111,7 +111,7 @@ class Previewer:
     - ``"linear"``: ``LatentRGB`` (the family's published factors for Stable Diffusion; fitted once, on first use,
       with ``fit_latent_rgb`` on ``fit_images`` for a toy latent model), enlarged bilinearly to the image size;
     - ``"tiny:PATH"`` (or an ``AutoencoderTiny``): TAESD's decoder, for the latent space it was made for;
-    - ``"full"``: ``decode``, the pipeline's own VAE;
+    - ``"full"``: the pipeline's own VAE (``full``, else ``decode``);
     - ``"auto"``: linear where factors exist or can be fitted, else full; a pixel-space model's x̂₀ is its own
       preview (``decode`` is the identity there), whatever is asked;
     - any other callable: used as it is, x̂₀ → image.
@@ -119,9 +119,10 @@ class Previewer:
 
     def __init__(self, kind, decode: Callable[[torch.Tensor], torch.Tensor], factor: int, *,
                  family: str | None = None, fit_images: Callable[[], torch.Tensor] | None = None,
-                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 full: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.kind, self.factor = kind, factor
-        self._decode, self._family, self._fit_images, self._encode = decode, family, fit_images, encode
+        self._decode, self._family, self._fit_images, self._encode = full or decode, family, fit_images, encode
         self._linear: LatentRGB | None = None
         self._tiny = None
         if callable(kind) and not hasattr(kind, "decode"):  # the caller's own x̂₀ → image function

@@ -94,6 +94,7 @@ class StableDiffusion(Adaptable, Pipeline):
         for model in self.models:
             enable_fast_cpu(model.eval())
         self.vae_tile: int | None = None  # see enable_vae_tiling
+        self.tiny_decoder = None  # see use_tiny_decoder
         self.notes: list[str] = list(notes)
         self.prompt_syntax = True  # A1111's weights, BREAK and long prompts (see embed_prompts); False: diffusers'
 
@@ -162,6 +163,25 @@ class StableDiffusion(Adaptable, Pipeline):
         them large — 64 is 512 pixels, the size SD 1.x was trained at."""
         check_tile(tile)
         self.vae_tile = tile
+
+    def use_tiny_decoder(self, taesd) -> None:
+        """Decode the final images with TAESD (an ``ldm.taesd.AutoencoderTiny``, or a path ``ldm.convert.load_taesd``
+        reads) instead of the VAE: at 512² about 40× less work, for images a little softer in fine texture. The
+        TAESD must be made for this model's latent space (taesd for SD 1/2, taesdxl for SDXL). None: the VAE again."""
+        if taesd is not None:
+            from .convert.taesd import check_latent_space, load_taesd
+
+            taesd = load_taesd(taesd) if not isinstance(taesd, torch.nn.Module) else taesd
+            check_latent_space(taesd, self.config.family)
+            if taesd.config.downsample_factor != self.vae.config.downsample_factor:
+                raise ValueError(f"{taesd.source} upsamples by {taesd.config.downsample_factor}, but this model's VAE "
+                                 f"by {self.vae.config.downsample_factor}: its images would be another size")
+            taesd.to(self.device)
+        self.tiny_decoder = taesd
+
+    def preview_options(self) -> dict:
+        """Latents preview through the family's published linear factors, its TAESD, or the VAE itself."""
+        return dict(factor=self.vae.config.downsample_factor, family=self.config.family, full=self.vae_decode)
 
     # --- text → context ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -278,7 +298,7 @@ class StableDiffusion(Adaptable, Pipeline):
              num_images_per_prompt: int = 1, strength: float = 1.0, image: ImageInput | None = None,
              mask: ImageInput | None = None, x_T: torch.Tensor | None = None, guidance_rescale: float = 0.0,
              clip_skip: int = 1, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-             **options) -> Iterator[StepRecord]:
+             preview="auto", **options) -> Iterator[StepRecord]:
         """The reverse process as a generator of per-step records (latents, x̂_0) — ``__call__`` runs it to the end.
 
         ``image`` with ``strength`` < 1 is image-to-image (SDEdit  [Meng et al. 2022]); ``image`` with ``mask``
@@ -290,17 +310,13 @@ class StableDiffusion(Adaptable, Pipeline):
         blocks early (``embed_prompts``). ``aesthetic_score`` and ``negative_aesthetic_score`` are the SDXL refiner's
         (``condition``; other models have no such input). ``options`` go to the sampler. ``sampler``,
         ``num_inference_steps`` and ``guidance_scale`` default to the model's (``default_sampler``, ``guidance`` …).
+        Each record's ``preview`` (computed when read) is x̂_0 as an image, made the ``preview`` way: "auto" / "linear"
+        (the family's latent → RGB factors), "tiny:PATH" or an ``AutoencoderTiny`` (TAESD), "full" (``previewer``).
         """
         guidance_scale = self.guidance(guidance_scale)
         sampler, steps = sampler or self.default_sampler, num_inference_steps or self.default_steps
-        if resolve_sampler(sampler)[0] == "lcm" and self.unet.config.time_cond_proj_dim is None and not self.loras:
-            warnings.warn("the LCM sampler expects an LCM-distilled model or an LCM-LoRA (pipe.load_lora); this UNet "
-                          "is neither, and its few-step images will be blurred or noisy", stacklevel=2)
+        self.check_request(sampler, image, mask)
         loop = get_sampler(sampler)
-        if self.config.inpainting and mask is None:
-            raise ValueError("this is an inpainting model: pass image= and mask= (or use pipe.inpaint)")
-        if mask is not None and image is None:
-            raise ValueError("inpainting needs an image as well as a mask")
         prompts, negatives = self._prompts(prompt, negative_prompt, num_images_per_prompt)
         default_w, default_h = _size(image) if image is not None else (self.config.size, self.config.size)
         width, height = width or default_w, height or default_h
@@ -326,7 +342,18 @@ class StableDiffusion(Adaptable, Pipeline):
         if blend:
             randn(shape, g, "cpu")  # diffusers encodes the masked image for a 4-channel UNet too, unused: same draws
             records = self.repaint(records, z0, noise, self.masks(mask, shape)[1], self.levels(sampler, steps, kwargs))
-        yield from records
+        yield from self.with_previews(records, preview)
+
+    def check_request(self, sampler: str, image: ImageInput | None, mask: ImageInput | None) -> None:
+        """Refuse what this model cannot do (inpainting without a mask or an image); warn of the LCM sampler on a
+        model that was not distilled for it."""
+        if self.config.inpainting and mask is None:
+            raise ValueError("this is an inpainting model: pass image= and mask= (or use pipe.inpaint)")
+        if mask is not None and image is None:
+            raise ValueError("inpainting needs an image as well as a mask")
+        if resolve_sampler(sampler)[0] == "lcm" and self.unet.config.time_cond_proj_dim is None and not self.loras:
+            warnings.warn("the LCM sampler expects an LCM-distilled model or an LCM-LoRA (pipe.load_lora); this UNet "
+                          "is neither, and its few-step images will be blurred or noisy", stacklevel=3)
 
     def repaint(self, records: Iterator[StepRecord], z0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
                 sigmas: torch.Tensor) -> Iterator[StepRecord]:
@@ -467,8 +494,17 @@ class StableDiffusion(Adaptable, Pipeline):
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        """Scaled latents → images in [−1, 1]; ``tile`` (in latent pixels) decodes large images piece by piece,
-        by default in the tiles of ``enable_vae_tiling`` (none unless it was called)."""
+        """Scaled latents → images in [−1, 1], through the tiny decoder if ``use_tiny_decoder`` set one, else the VAE
+        (``vae_decode``)."""
+        if self.tiny_decoder is not None:
+            taesd = self.tiny_decoder
+            return taesd.decode(latents.to(next(taesd.parameters()).dtype)).float().clamp(-1, 1)
+        return self.vae_decode(latents, tile)
+
+    @torch.inference_mode()
+    def vae_decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Scaled latents → images in [−1, 1] through the VAE; ``tile`` (in latent pixels) decodes large images piece
+        by piece, by default in the tiles of ``enable_vae_tiling`` (none unless it was called)."""
         z = (latents / self.vae.config.scaling_factor).to(self.vae_dtype)
         return self.vae.decode(z, tile=self.vae_tile if tile is None else tile).float().clamp(-1, 1)
 

@@ -16,6 +16,7 @@ from ldm.unet import UNet, UNetConfig
 from ldm.vae import AutoencoderKL, VAEConfig
 
 from _fixtures import loud
+from test_stable_diffusion import reference  # noqa: F401  (a fixture)
 
 
 def test_fit_recovers_an_exactly_affine_decoder():
@@ -130,3 +131,60 @@ def test_previewer_kinds_for_pixel_models_are_the_image_itself():
     previewer = Previewer("full", lambda x: x * 0, factor=1)
     x = torch.randn(1, 3, 4, 4).clamp(-1, 1)
     assert previewer.kind == "pixels" and torch.equal(previewer(x), x)
+
+
+# --- the command line and Stable Diffusion ----------------------------------------------------------------------
+def test_cli_sample_keeps_a_preview_and_animates_it(tmp_path, capsys):
+    from ldm.cli import main
+    from test_cli import TINY
+
+    run = tmp_path / "run"
+    main(["train", "--preset", "mnist", "--out", str(run), "--steps", "1", *TINY])
+    out = tmp_path / "digits.png"
+    main(["sample", str(run), "--n", "4", "--steps", "4", "--preview", "full", "--preview-every", "2", "--out", str(out)])
+    assert Image.open(tmp_path / "digits.preview.png").size == (Image.open(out).size[0] // 2,) * 2  # --scale 2
+    assert Image.open(tmp_path / "digits.preview.gif").format == "GIF"  # (frames: test_preview_files_…)
+    with pytest.raises(SystemExit):
+        main(["sample", str(run), "--preview", "linear", "--preview-every", "0", "--out", str(out)])
+    assert "--preview-every: must be ≥ 1, got 0" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sd(reference):
+    """The tiny random SD 1 pipeline of the Stable Diffusion tests (a VAE that halves the image), loaded by ldm."""
+    import ldm
+
+    return ldm.load_pipeline(reference[1])
+
+
+def tiny_taesd(family: str, factor: int = 2):
+    """A small random TAESD (width 16) for ``family``'s latents that upsamples by ``factor``."""
+    from ldm.taesd import AutoencoderTiny, TAESDConfig
+
+    blocks = (1,) * factor.bit_length()
+    return loud(AutoencoderTiny(TAESDConfig(width=16, encoder_blocks=blocks, decoder_blocks=blocks), family=family))
+
+
+def test_stable_diffusion_previews_each_way_and_decodes_with_a_tiny_decoder(sd):
+    from test_stable_diffusion import SIZE
+
+    record = list(sd.loop("a red barn", num_inference_steps=2, width=SIZE, height=SIZE, sampler="ddim"))[-1]
+    x0 = record.x0_pred
+    linear = F.interpolate(LatentRGB.for_family("sd1")(x0), scale_factor=2, mode="bilinear").clamp(-1, 1)
+    assert sd.previewer().kind == "linear" and torch.allclose(record.preview, linear)
+    assert torch.allclose(sd.previewer("full")(x0), sd.vae_decode(x0))
+    taesd = tiny_taesd("sd")
+    expected = taesd.decode(x0).clamp(-1, 1)
+    assert torch.allclose(sd.previewer(taesd)(x0), expected)
+    assert (expected - sd.vae_decode(x0)).abs().max() > 0.1  # the two decoders differ, so the check above can fail
+    with pytest.raises(ValueError, match="SDXL latents, but this is an SD 1 model"):
+        sd.previewer(tiny_taesd("sdxl"))
+    sd.use_tiny_decoder(taesd)
+    try:
+        images = sd("a red barn", num_inference_steps=2, width=SIZE, height=SIZE, sampler="ddim", output="tensor",
+                     progress=False)
+        assert torch.allclose(images, taesd.decode(record.x_prev).clamp(-1, 1), atol=1e-6)
+    finally:
+        sd.use_tiny_decoder(None)
+    with pytest.raises(ValueError, match="upsamples by 8, but this model's VAE by 2"):
+        sd.use_tiny_decoder(tiny_taesd("sd", factor=8))

@@ -12,6 +12,7 @@ import torch
 from ..images import save_gif, save_strip
 from ..loading import load_pipeline
 from ..pipeline import DiffusionPipeline
+from ..preview import PreviewFiles
 from ..samplers import ALIASES, SAMPLER_NAMES, SAMPLERS, SIGMA_SAMPLERS, SIGMA_SCHEDULES, run_to_end
 from ..sampling import default_device
 
@@ -57,8 +58,10 @@ def add_adapters(pipe, args: argparse.Namespace) -> None:
             print(f"embedding {Path(path).name}: use {tokens[0]!r} in the prompt ({len(tokens)} vectors)")
 
 
-def denoise(pipe, records, total: int, trajectory: Path | None, keep: int = 10) -> torch.Tensor:
-    """Run ``loop``'s records to the end (progress bar) and decode the result, (B, C, H, W) in [−1, 1].
+def denoise(pipe, records, total: int, trajectory: Path | None, previews: PreviewFiles | None = None,
+            keep: int = 10) -> torch.Tensor:
+    """Run ``loop``'s records to the end (progress bar) and decode the result, (B, C, H, W) in [−1, 1], keeping
+    ``previews`` up to date on the way.
 
     With ``trajectory`` (OUT_trajectory) also write how the samples emerge, at ≤ ``keep`` evenly spaced steps:
     a PNG strip of the first sample (top x_t, bottom x̂_0) and a GIF of the first ≤ 8 samples (x_t | x̂_0)."""
@@ -69,7 +72,7 @@ def denoise(pipe, records, total: int, trajectory: Path | None, keep: int = 10) 
         if trajectory is not None and record.index in kept:
             frames.append((record.t, pipe.decode(record.x_t[:8]).cpu(), pipe.decode(record.x0_pred[:8]).cpu()))
 
-    last = run_to_end(records, total, True, "denoise", collect)
+    last = run_to_end(records if previews is None else previews.watch(records), total, True, "denoise", collect)
     if trajectory is not None:
         scale = 3 if frames[0][1].shape[-1] <= 64 else 1  # enlarge small digits, not 512² images
         strip = save_strip([torch.stack([x[0] for _, x, _ in frames]), torch.stack([x0[0] for _, _, x0 in frames])],
@@ -106,19 +109,39 @@ def number(kind: type, minimum: float, inclusive: bool = True):
     return parse
 
 
-def add_sampling(p: argparse.ArgumentParser, sampler: str, steps: int, guidance: float, n: int) -> None:
-    """The options every sampling command shares, with that command's defaults."""
+def add_sampling(p: argparse.ArgumentParser, sampler: str | None, steps: int | None, guidance: float | None,
+                 n: int) -> None:
+    """The options every sampling command shares, with that command's defaults (None: the model's own, e.g. 1 step,
+    Euler and no guidance for SD-Turbo, else DPM++ 2M, 25 steps, 7.5)."""
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=sampler, metavar="SAMPLER",
                    help=f"one of {', '.join(SAMPLERS)}, or as UIs name them: {', '.join(map(repr, ALIASES))} "
-                        f"(default {sampler})")
+                        f"(default {sampler or 'the model’s: dpm++2m, euler for SD-Turbo, lcm for an LCM'})")
     p.add_argument("--sigmas", choices=SIGMA_SCHEDULES, help="σ schedule for the σ-space samplers "
                    f"({', '.join(SIGMA_SAMPLERS)}): Karras et al.'s ρ = 7, log-uniform or Beta(0.6, 0.6) spacing")
-    p.add_argument("--steps", type=number(int, 1), default=steps, help="number of inference steps")
+    p.add_argument("--steps", type=number(int, 1), default=steps,
+                   help=f"number of inference steps (default {steps or 'the model’s: 25, 1 for Turbo, 4 for LCM'})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=number(float, 0), default=guidance,
-                   help="classifier-free guidance scale ≥ 0 (1 = off, 0 = unconditional)")
+                   help="classifier-free guidance scale ≥ 0 (1 = off, 0 = unconditional)" if guidance is not None else
+                   "classifier-free guidance scale (default the model’s: 7.5, off for Turbo, 8.5 for LCM; ≤ 1 = off)")
     p.add_argument("--n", type=number(int, 1), default=n, help="number of images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def add_preview_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preview", metavar="KIND", help="keep OUT.preview.png showing the image as it forms (predicted "
+                   "x0), and write OUT.preview.gif: linear (latent → RGB factors; fitted to a toy VAE), tiny:PATH "
+                   "(TAESD, Stable Diffusion), full (the VAE), auto (linear where it can)")
+    p.add_argument("--preview-every", type=number(int, 1), default=1, metavar="N", help="a preview every N steps")
+
+
+def preview_files(args: argparse.Namespace, total: int) -> PreviewFiles | None:
+    """The command's --preview files, OUT.preview.png and OUT.preview.gif, or None."""
+    if not args.preview:
+        return None
+    out = Path(args.out)
+    return PreviewFiles(out.with_name(out.stem + ".preview.png"), out.with_name(out.stem + ".preview.gif"), total,
+                        args.preview_every)
 
 
 def seed_list(text: str) -> list[int]:

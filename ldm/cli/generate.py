@@ -11,15 +11,16 @@ from PIL import Image
 
 from ..sampling import default_device
 from ..stable_diffusion import StableDiffusion, check_refiner
-from .common import (DTYPES, add_adapter_options, add_adapters, add_model, add_sampling, add_seeds, denoise, load,
-    model_path, number, trajectory_path)
+from .common import (DTYPES, add_adapter_options, add_adapters, add_model, add_preview_options, add_sampling,
+                     add_seeds, denoise, load, model_path, number, preview_files, trajectory_path)
 
 
 def load_sd(args: argparse.Namespace, path: str | None = None) -> StableDiffusion:
     """The command's Stable Diffusion model (or the one at ``path``: the refiner) with its options applied."""
     device = args.device or default_device()
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    options = {k: v for k, v in dict(variant=args.variant, prediction=args.prediction).items() if v is not None}
+    options = {k: v for k, v in dict(variant=args.variant, prediction=args.prediction, preset=args.preset).items()
+               if v is not None}
     pipe = load(args, path, dtype=dtype, **options)
     if not isinstance(pipe, StableDiffusion):
         raise ValueError(f"{path or model_path(args)} is not a Stable Diffusion checkpoint: use `ldm sample`")
@@ -29,8 +30,13 @@ def load_sd(args: argparse.Namespace, path: str | None = None) -> StableDiffusio
         pipe.enable_attention_slicing(args.attention_slice)
     if args.vae_tile is not None:
         pipe.enable_vae_tiling(args.vae_tile)
-    if path is None:  # the refiner takes no adapters of the base
+    if path is None:  # the refiner takes no adapters and no decoder of the base
         add_adapters(pipe, args)
+        if args.vae_decoder:
+            kind, _, file = args.vae_decoder.partition(":")
+            if kind != "tiny" or not file:
+                raise ValueError(f"--vae-decoder {args.vae_decoder!r}: expected tiny:PATH (a TAESD)")
+            pipe.use_tiny_decoder(file)
     return pipe
 
 
@@ -53,21 +59,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 raise ValueError(f"mask is {mask.width}×{mask.height} but the image is {image.width}×{image.height}")
     refiner = None
     if args.command == "txt2img" and args.refiner:
-        if args.trajectory or args.hires_scale:
-            raise ValueError("--refiner makes a two-stage run: leave out --trajectory and --hires-scale")
+        if args.trajectory or args.hires_scale or args.preview:
+            raise ValueError("--refiner makes a two-stage run: leave out --trajectory, --preview and --hires-scale")
         refiner = load_sd(args, args.refiner)
         check_refiner(refiner, f"--refiner {args.refiner}")
     start = time.perf_counter()
     if refiner is not None:
         images = pipe(args.prompt, refiner=refiner, refine_from=args.refine_from, **options)
     elif args.command == "txt2img" and args.hires_scale:
-        if args.trajectory:
-            raise ValueError("--trajectory shows one run, and --hires-scale makes two: leave one of them out")
+        if args.trajectory or args.preview:
+            raise ValueError("--trajectory and --preview show one run, and --hires-scale makes two: leave one out")
         images = pipe.hires(args.prompt, scale=args.hires_scale, strength=args.hires_strength, **options)
     else:
         total = pipe.steps_run(args.steps, options.get("strength", 1.0), options.get("image"))
+        records = pipe.loop(args.prompt, preview=args.preview or "auto", **options)
         with torch.inference_mode():
-            images = pipe.images(denoise(pipe, pipe.loop(args.prompt, **options), total, trajectory_path(args)), "pil")
+            images = pipe.images(denoise(pipe, records, total, trajectory_path(args), preview_files(args, total)), "pil")
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +107,8 @@ def add_generate_commands(sub) -> None:
             p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 ignores it")
         if name == "inpaint":
             p.add_argument("--mask", required=True, help="grayscale mask, white = repaint, same size as the image")
-        add_sampling(p, "dpm++2m", 25, 7.5, 1)
+        add_sampling(p, None, None, None, 1)
+        add_preview_options(p)
         add_seeds(p)
         add_adapter_options(p)
         p.add_argument("--guidance-rescale", type=float, default=0.0,
@@ -118,4 +126,8 @@ def add_generate_commands(sub) -> None:
         p.add_argument("--raw-weights", action="store_true", help="single files: the non-EMA UNet weights")
         p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet predicts, when the checkpoint cannot "
                        "say (SD 2 single files; the loader prints what it chose and why)")
+        p.add_argument("--preset", choices=("sd-turbo", "sdxl-turbo", "none"), help="a distilled model the file cannot "
+                       "say it is (a single file named *turbo* is taken as one; none: never)")
+        p.add_argument("--vae-decoder", metavar="tiny:PATH", help="decode the final images with TAESD (taesd for SD 1/2, "
+                       "taesdxl for SDXL): a file, a pair of encoder/decoder files' folder, or a diffusers folder")
         p.set_defaults(func=cmd_generate)

@@ -12,8 +12,8 @@ from ..images import save_grid
 from ..metrics import evaluate_digits, load_samples_npy
 from ..pipeline import DiffusionPipeline
 from ..samplers import resolve_sampler
-from .common import (add_adapter_options, add_adapters, add_model, add_sampling, add_seeds, denoise, load,
-    model_path, number, trajectory_path)
+from .common import (add_adapter_options, add_adapters, add_model, add_preview_options, add_sampling, add_seeds,
+                     denoise, load, model_path, number, preview_files, trajectory_path)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -32,9 +32,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if resolve_sampler(args.sampler)[0] == "ddim":
         options["eta"] = args.eta
     out = Path(args.out)
-    if args.trajectory:
+    if args.trajectory or args.preview:
+        records = pipe.loop(args.n, preview=args.preview or "auto", **options)
         with torch.inference_mode():
-            samples = denoise(pipe, pipe.loop(args.n, **options), args.steps, trajectory_path(args))
+            samples = denoise(pipe, records, args.steps, trajectory_path(args), preview_files(args, args.steps))
     else:
         samples = pipe(args.n, batch_size=args.batch_size, output="tensor", **options)
     save_grid(samples, out, nrow=args.nrow, scale=args.scale)
@@ -76,6 +77,7 @@ def add_sample_commands(sub) -> None:
     s.add_argument("--out", default="samples.png")
     s.add_argument("--npy", help="also save samples as an N×C×H×W float32 array in [0, 1]")
     s.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png and .gif (x_t | predicted x0)")
+    add_preview_options(s)
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--nrow", type=int)
     s.add_argument("--scale", type=int, default=2, help="enlarge the grid image by this factor")
