@@ -148,6 +148,69 @@ def txt2img(setup: Setup) -> Case:
                        "(the peak does not grow with the number of steps)"])
 
 
+def turbo(setup: Setup) -> Case:
+    """Prompt → image with an SD-Turbo-shaped model run as its model card says: one Euler step on trailing timesteps,
+    no classifier-free guidance (one UNet batch), decoded by TAESD; fp32; the outputs compared are the pixels.
+
+    Both start from the same ε: diffusers' Euler starts trailing runs at σ_max·ε where ldm (and Stability's own
+    sampler) takes √(1 + σ_max²)·ε, so ldm is given x_T = σ_max/√(1 + σ_max²)·ε, the same latents in its VP space."""
+    import ldm
+
+    folder = setup.weights / "sd-turbo"
+    size = _sd_json(setup, "vae")["sample_size"]
+    f = 2 ** (len(_sd_json(setup, "vae")["block_out_channels"]) - 1)
+    eps = _randn(1, 4, size // f, size // f)
+    options = dict(num_inference_steps=1, width=size, height=size)
+    sides = {}
+    if "ldm" in setup.libraries:
+        ours = ldm.load_pipeline(folder, device=setup.device)
+        ours.use_tiny_decoder(setup.weights / "taesd")
+        sigma_max = ours.levels("euler", 1, ours.sampler_options("euler", 1))[0].item()
+        x_T = eps * sigma_max / (1 + sigma_max**2) ** 0.5
+        sides["ldm"] = Side(lambda: ours(PROMPTS[0], x_T=x_T, progress=False, output="tensor", **options))
+    if "diffusers" in setup.libraries:
+        import diffusers
+
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder).to(setup.device)
+        ref.vae = diffusers.AutoencoderTiny.from_pretrained(setup.weights / "taesd").to(setup.device)
+        ref.set_progress_bar_config(disable=True)
+        sides["diffusers"] = Side(lambda: ref(PROMPTS[0], latents=eps, guidance_scale=0.0, output_type="pt",
+                                              **options).images * 2 - 1)
+    return Case(sides, unit="s/image", notes=[f"turbo: SD 2.1-base shapes, 1 step at {size}×{size}, TAESD decoder"])
+
+
+def lcm(setup: Setup) -> Case:
+    """Prompt → image in 4 LCM steps (the consistency sampler, ``LCMScheduler``) with the SD 1.5 UNet and no
+    classifier-free guidance, decoded by the SD VAE, fp32: what an LCM-LoRA fused into SD 1.5 costs (an LCM-distilled
+    UNet adds one 256 → 320 projection of the guidance embedding); same seed, so the pixels are compared."""
+    import warnings
+
+    import ldm
+
+    folder = setup.weights / "sd"
+    size = _sd_json(setup, "vae")["sample_size"]
+    options = dict(num_inference_steps=4, guidance_scale=1.0, width=size, height=size)
+    sides = {}
+    if "ldm" in setup.libraries:
+        ours = ldm.load_pipeline(folder, device=setup.device)
+
+        def ldm_image():
+            with warnings.catch_warnings():  # random weights are no LCM, which the sampler rightly warns of
+                warnings.simplefilter("ignore")
+                return ours(PROMPTS[0], sampler="lcm", seed=0, progress=False, output="tensor", **options)
+
+        sides["ldm"] = Side(ldm_image)
+    if "diffusers" in setup.libraries:
+        import diffusers
+
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder).to(setup.device)
+        ref.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
+        ref.set_progress_bar_config(disable=True)
+        sides["diffusers"] = Side(lambda: ref(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="pt",
+                                              **options).images * 2 - 1)
+    return Case(sides, unit="s/image", notes=[f"lcm: SD 1.5 shapes, 4 LCM steps at {size}×{size}, unguided, SD VAE"])
+
+
 # --- training ----------------------------------------------------------------------------------------
 def cifar_train_step(setup: Setup) -> Case:
     """One DDPM training step of the CIFAR-10 UNet: forward, ε-MSE loss, backward, AdamW step (fp32).
@@ -283,6 +346,8 @@ ROWS = {row.name: row for row in (
     Row("vae-decode", "SD VAE decode of one 4×64×64 latent to 512×512, fp32", vae_decode, 1, 3),
     Row("text-encoder", "CLIP ViT-L/14 text encoder, batch 2 × 77 tokens, fp32", text_encoder, 3, 25),  # 0.2 s: many repeats
     Row("txt2img-bf16", "20-step DPM-Solver++(2M) text-to-image at 512×512, guidance 7.5, bf16 weights", txt2img, 1, 1),
+    Row("turbo-1step", "SD-Turbo-shaped text-to-image at 512×512: 1 Euler step, no guidance, TAESD decoder, fp32", turbo, 1, 3),
+    Row("lcm-4step", "4 LCM steps (SD 1.5 UNet, unguided) text-to-image at 512×512, SD VAE, fp32", lcm, 1, 3),
     Row("cifar-train-step", "DDPM CIFAR-10 UNet (35.7 M), one training step at batch 32, fp32", cifar_train_step, 2, 5),
     Row("mnist-train", "MNIST recipe training throughput (UNetConfig.mnist(), batch 64, bf16 autocast where native)",
         mnist_train, 2, 7),

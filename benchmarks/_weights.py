@@ -5,6 +5,8 @@
                     DPM-Solver++(2M) scheduler with SD 1.5's settings)
       cifar-unet/   a UNet2DModel equal to UNetConfig.ddpm_cifar10()
       mnist-unet/   a UNet2DModel equal to UNetConfig.mnist()
+      sd-turbo/     an SD-Turbo-shaped folder (SD 2.1-base UNet and OpenCLIP-H text encoder, Euler with trailing steps)
+      taesd/        a TAESD (diffusers AutoencoderTiny) for SD latents
 
 Going through files on disk is what users do, and it guarantees that both sides hold the same numbers:
 ldm reads them with its loaders and ``ldm.convert`` rule tables, diffusers and transformers with their
@@ -53,9 +55,28 @@ SD_CONFIGS = {
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
     ),
 }
+# SD-Turbo's components: SD 2.1-base's UNet (64-wide heads, a 1024-wide context, linear projections) and OpenCLIP
+# ViT-H/14 as the 23 layers of it SD 2 uses (hidden_act gelu); the VAE above. --quick: the quick ones, SD 2 style.
+TURBO_CONFIGS = {
+    "full": dict(
+        unet=SD_CONFIGS["full"]["unet"] | dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                               use_linear_projection=True),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  projection_dim=512, hidden_act="gelu"),
+        taesd=dict(),  # the released TAESD's shape: four stages, 8× up
+    ),
+    "quick": dict(
+        unet=SD_CONFIGS["quick"]["unet"] | dict(attention_head_dim=(2, 4), use_linear_projection=True),
+        text=SD_CONFIGS["quick"]["text"] | dict(hidden_act="gelu"),
+        taesd=dict(encoder_block_out_channels=(64, 64), decoder_block_out_channels=(64, 64), num_encoder_blocks=(1, 1),
+                   num_decoder_blocks=(1, 1)),  # 2× up, as the quick VAE
+    ),
+}
 CLIP_COMMON = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
                    eos_token_id=49407, pad_token_id=49407)
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+# stabilityai/sd-turbo's scheduler_config.json: Euler, trailing timesteps, SD's β schedule
+TURBO_SCHEDULER = SD15_SCHEDULER | dict(timestep_spacing="trailing")
 
 
 def cifar_config(quick: bool) -> UNetConfig:
@@ -96,10 +117,29 @@ def mnist_config() -> UNetConfig:
     return UNetConfig.mnist()
 
 
+def write_turbo(folder: Path, quick: bool, vae, vocab: Path) -> None:
+    """``sd-turbo/``: an SD-Turbo-shaped StableDiffusionPipeline folder (SD 2.1-base components, the Euler trailing
+    scheduler, the SD VAE); ``taesd/``: a TAESD (diffusers ``AutoencoderTiny``) for its latents."""
+    import diffusers
+    import transformers
+
+    configs = TURBO_CONFIGS["quick" if quick else "full"]
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**configs["unet"])
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_COMMON | configs["text"]))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(vocab, pad_token="!")  # SD 2's tokenizer pads with "!"
+    scheduler = diffusers.EulerDiscreteScheduler(**TURBO_SCHEDULER)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "sd-turbo", safe_serialization=True)
+    diffusers.AutoencoderTiny(**configs["taesd"]).save_pretrained(folder / "taesd", safe_serialization=True)
+
+
 def cache_folder(quick: bool) -> Path:
     """Where this mode's weights live: the key changes whenever what would be written changes."""
     mode = "quick" if quick else "full"
-    what = dict(sd=SD_CONFIGS[mode], clip=CLIP_COMMON, scheduler=SD15_SCHEDULER, cifar=repr(cifar_config(quick)),
+    what = dict(sd=SD_CONFIGS[mode], clip=CLIP_COMMON, scheduler=SD15_SCHEDULER, turbo=TURBO_CONFIGS[mode],
+                turbo_scheduler=TURBO_SCHEDULER, cifar=repr(cifar_config(quick)),
                 mnist=repr(mnist_config()), versions=[version(p) for p in ("torch", "diffusers", "transformers")])
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"ldm-bench-{mode}-{key}"
@@ -139,8 +179,10 @@ def write_weights(folder: Path, quick: bool) -> None:
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder / "sd", safe_serialization=True)
+    del pipe, unet, text
+    write_turbo(folder, quick, vae, vocab)
     shutil.rmtree(folder / "vocab")
-    del pipe, unet, vae, text
+    del vae
     for name, config in (("cifar-unet", cifar_config(quick)), ("mnist-unet", mnist_config())):
         torch.manual_seed(0)
         diffusers.UNet2DModel(**unet2d_kwargs(config)).save_pretrained(folder / name, safe_serialization=True)

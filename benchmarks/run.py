@@ -12,6 +12,9 @@ Rows (full size; ``--quick`` runs reduced models of the same families, as a smok
                       batch 2 × 77 tokens, fp32
     txt2img-bf16      a whole text-to-image, 512×512, 20 DPM-Solver++(2M) steps, guidance 7.5, bf16 weights:
                       ``ldm.load_pipeline(folder)`` vs ``StableDiffusionPipeline.from_pretrained(folder)``
+    turbo-1step       text-to-image with an SD-Turbo-shaped model (SD 2.1-base UNet and OpenCLIP-H encoder) as
+                      its card runs it: 1 Euler step on trailing timesteps, no guidance, TAESD decoder, 512×512, fp32
+    lcm-4step         4 LCM steps with the SD 1.5 UNet, unguided (an LCM-LoRA's cost), SD VAE, 512×512, fp32
     cifar-train-step  DDPM CIFAR-10 UNet (``UNetConfig.ddpm_cifar10()``, 35.7 M) vs the equal ``UNet2DModel``:
                       forward, ε-MSE loss, backward, AdamW step at batch 32, fp32
     mnist-train       the MNIST recipe's training throughput (``TrainConfig.mnist()``: batch 64, bf16 autocast

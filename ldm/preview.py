@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write
 from .images import make_grid, save_gif, to_pil
+from .perf import enable_fast_cpu
 from .taesd import latent_space
 
 # 4 latent channels → R, G, B (rows: channels), and a bias, for latents in model space (scaled by the VAE's factor),
@@ -147,7 +148,7 @@ class Previewer:
 
         taesd = load_taesd(taesd[len("tiny:"):]) if isinstance(taesd, str) else taesd
         check_latent_space(taesd, self._family)
-        return taesd
+        return enable_fast_cpu(taesd.eval())
 
     @property
     def linear(self) -> LatentRGB:

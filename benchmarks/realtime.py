@@ -1,0 +1,88 @@
+"""What live previews cost beside a UNet step, and what ``torch.compile`` gives that step, on this machine.
+
+    python benchmarks/realtime.py [--quick] [--repeats N] [--no-compile]
+
+On the benchmark weights (``_weights.py``: the SD-Turbo-shaped SD 2.1-base UNet, the SD VAE, a TAESD), for one
+512×512 image (a 4×64×64 latent), fp32, ldm alone:
+
+    unet step          one UNet call on batch 1 (an unguided step, as Turbo and LCM run), and batch 2 (a guided one)
+    preview: linear    ``LatentRGB`` on x̂₀ and the bilinear enlargement to 512² (``ldm.preview.Previewer("linear")``)
+    preview: tiny      TAESD's decoder (``Previewer`` with an ``AutoencoderTiny``), ldm's fast CPU convolutions on
+    preview: full      the SD VAE's decode
+    compile            the batch-1 step under ``torch.compile`` (inductor) after its warm-up, and the warm-up's cost
+
+Each preview is reported as a share of the unguided step, the worst case (a guided step costs twice as much, so the
+share halves). Times are medians of interleaved calls after a warm-up. ``--quick`` runs the quick weights, one
+repeat, no compile: a smoke test. Absolute figures depend on the CPU, whose flags are printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import machine_info
+from _weights import ensure_weights
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
+    args = parser.parse_args(argv)
+    repeats = 1 if args.quick else args.repeats
+    info = machine_info(torch.device("cpu"))
+    print(f"CPU: {info['cpu']}, {info['cores']} cores, capability {info['cpu_capability']}, native bf16 "
+          f"{info['cpu_bf16']}; torch {info['torch']}; load average {info['load_average']}")
+    import ldm
+
+    weights = ensure_weights(args.quick)
+    pipe = ldm.load_pipeline(weights / "sd-turbo", device="cpu")
+    f = pipe.vae.config.downsample_factor
+    size = pipe.config.size if not args.quick else 32
+    x = torch.randn(2, 4, size // f, size // f, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 77, pipe.unet.config.context_dim, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999, 999])
+    steps = {n: timed(lambda n=n: pipe.unet(x[:n], t[:n], context[:n]), repeats) for n in (1, 2)}
+    previews = {"linear": pipe.previewer("linear"), "tiny": pipe.previewer(f"tiny:{weights / 'taesd'}"),
+                "full": pipe.previewer("full")}
+    costs = {name: timed(lambda p=previewer: p(x[:1]), repeats) for name, previewer in previews.items()}
+    print(f"\n{size}×{size} image, fp32, torch threads {torch.get_num_threads()}")
+    print(f"unet step, batch 1 (unguided): {steps[1]:.3f} s;  batch 2 (guided): {steps[2]:.3f} s")
+    for name, seconds in costs.items():
+        print(f"preview {name:7s} {seconds:.4f} s  = {100 * seconds / steps[1]:5.1f} % of an unguided step, "
+              f"{100 * seconds / steps[2]:5.1f} % of a guided one")
+    if args.no_compile or args.quick:
+        return
+    eager = steps[1]
+    compiled = torch.compile(pipe.unet)
+    start = time.perf_counter()
+    compiled(x[:1], t[:1], context[:1])
+    warmup = time.perf_counter() - start
+    seconds = timed(lambda: compiled(x[:1], t[:1], context[:1]), repeats)
+    print(f"torch.compile (inductor): warm-up {warmup:.1f} s, then {seconds:.3f} s/step against eager {eager:.3f} s "
+          f"({100 * (eager - seconds) / eager:+.1f} %)")
+
+
+if __name__ == "__main__":
+    main()
