@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
+    parser.add_argument("--vae", type=Path, help="also: how well a linear preview fitted to this `ldm train-vae` run "
+                        "reproduces its decoder on the held-out digits")
     args = parser.parse_args(argv)
+    if args.vae is not None:
+        print(toy_preview_quality(args.vae))
     repeats = 1 if args.quick else args.repeats
     info = machine_info(torch.device("cpu"))
     print(f"CPU: {info['cpu']}, {info['cores']} cores, capability {info['cpu_capability']}, native bf16 "
@@ -82,6 +86,34 @@ def main(argv: list[str] | None = None) -> None:
     seconds = timed(lambda: compiled(x[:1], t[:1], context[:1]), repeats)
     print(f"torch.compile (inductor): warm-up {warmup:.1f} s, then {seconds:.3f} s/step against eager {eager:.3f} s "
           f"({100 * (eager - seconds) / eager:+.1f} %)")
+
+
+def toy_preview_quality(run: Path) -> str:
+    """``fit_latent_rgb`` on the first 2,000 bundled digits, scored on the last 500 (the VAE run's held-out set)
+    against the full decode: PSNR at the latent's resolution and enlarged bilinearly to the image's."""
+    import torch.nn.functional as F
+
+    from ldm.data import load_dataset
+    from ldm.preview import fit_latent_rgb, psnr
+    from ldm.runs import load_vae
+
+    vae, image_size = load_vae(run)
+    digits = load_dataset("mnist-bundled", image_size=image_size, channels=1)
+    s = vae.config.scaling_factor
+
+    def encode(images):
+        return vae.encode(images).mode() * s
+
+    linear = fit_latent_rgb(encode, digits.batch(torch.arange(2000))[0])
+    held_out = digits.batch(torch.arange(len(digits) - 500, len(digits)))[0]
+    z = encode(held_out)
+    full = vae.decode(z / s).clamp(-1, 1)
+    small = linear(z)
+    big = F.interpolate(small, size=full.shape[-2:], mode="bilinear").clamp(-1, 1)
+    pooled = F.adaptive_avg_pool2d(full, small.shape[-2:])
+    return (f"linear preview of {run} (fitted on 2,000 digits, scored on the 500 held out): "
+            f"{psnr(small, pooled):.1f} dB against the full decode at {small.shape[-1]}², "
+            f"{psnr(big, full):.1f} dB enlarged to {full.shape[-1]}²")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ image viewer and writes the sequence as a GIF.
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write
 from .images import make_grid, save_gif, to_pil
-from .perf import enable_fast_cpu
 from .taesd import latent_space
 
 # 4 latent channels → R, G, B (rows: channels), and a bias, for latents in model space (scaled by the VAE's factor),
@@ -73,6 +73,17 @@ class LatentRGB:
                              f"{tuple(latents.shape)}")
         weight, bias = self.weight.to(latents), self.bias.to(latents)
         return (torch.einsum("bchw,cr->brhw", latents, weight) + bias[:, None, None]).clamp(-1, 1)
+
+
+def preview_copy(taesd: torch.nn.Module) -> torch.nn.Module:
+    """The TAESD to preview with: on a CPU with native bf16 (AVX512-BF16, AMX) a bf16 copy, which decodes a 512²
+    preview about 3× faster than fp32 (0.27 s against 0.79 on a 2-core Sapphire Rapids) — a preview needs no fp32
+    precision, and the caller's TAESD, which may be the final decoder, keeps its own dtype; elsewhere (AVX2 CPUs
+    emulate bf16, slowly; GPUs) the TAESD itself."""
+    weight = next(taesd.parameters())
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return copy.deepcopy(taesd).eval().to(torch.bfloat16)
+    return taesd.eval()
 
 
 @torch.no_grad()
@@ -148,7 +159,7 @@ class Previewer:
 
         taesd = load_taesd(taesd[len("tiny:"):]) if isinstance(taesd, str) else taesd
         check_latent_space(taesd, self._family)
-        return enable_fast_cpu(taesd.eval())
+        return preview_copy(taesd)
 
     @property
     def linear(self) -> LatentRGB:

@@ -173,7 +173,7 @@ class StableDiffusion(Adaptable, Pipeline):
 
             taesd = load_taesd(taesd) if not isinstance(taesd, torch.nn.Module) else taesd
             check_latent_space(taesd, self.config.family)
-            enable_fast_cpu(taesd.eval())
+            taesd.eval()
             if taesd.config.downsample_factor != self.vae.config.downsample_factor:
                 raise ValueError(f"{taesd.source} upsamples by {taesd.config.downsample_factor}, but this model's VAE "
                                  f"by {self.vae.config.downsample_factor}: its images would be another size")

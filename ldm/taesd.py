@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import cpu_channels_last
+
 
 @dataclass(frozen=True)
 class TAESDConfig:
@@ -108,10 +110,10 @@ class TinyEncoder(nn.Module):
         self.conv_out = conv3x3(d, config.latent_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        x = self.conv_in(cpu_channels_last(x))
         for stage in self.stages:
             x = stage(x)
-        return self.conv_out(x)
+        return self.conv_out(x).contiguous()
 
 
 class TinyDecoder(nn.Module):
@@ -128,10 +130,10 @@ class TinyDecoder(nn.Module):
         self.conv_out = conv3x3(d, config.image_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv_in(torch.tanh(z / 3) * 3))
+        x = F.relu(self.conv_in(cpu_channels_last(torch.tanh(z / 3) * 3)))
         for stage in self.stages:
             x = stage(x)
-        return self.conv_out(x)
+        return self.conv_out(x).contiguous()
 
 
 class AutoencoderTiny(nn.Module):

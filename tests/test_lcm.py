@@ -260,6 +260,28 @@ def test_lcm_sampler_on_a_plain_model_warns(ours):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         next(iter(plain.loop(PROMPTS[0], width=SIZE, height=SIZE, sampler="ddim", num_inference_steps=2)))
+    return plain
+
+
+def test_an_lcm_lora_file_runs_the_lcm_sampler_without_a_warning(ours, tmp_path):
+    """An LCM-LoRA (a kohya file on the UNet's attention and convolutions, as latent-consistency/lcm-lora-sdv1-5
+    ships) loads onto the plain model; with it the LCM sampler is what the file is for, so it does not warn, and the
+    LoRA moves the latents the sampler yields."""
+    from ldm.convert.lora import save_lora
+    from ldm.lora import LoRA
+
+    plain = test_lcm_sampler_on_a_plain_model_warns(ours)
+    lora = LoRA.create(plain.unet, rank=2, targets="attention+conv")
+    for layer in lora.layers.values():
+        torch.nn.init.normal_(layer.up.weight, std=0.05)
+    path = save_lora(tmp_path / "lcm-lora.safetensors", {"unet": lora}, {"unet": plain.unet})
+    before = list(plain.loop(PROMPTS[0], width=SIZE, height=SIZE, sampler="ddim", num_inference_steps=2))[-1].x_prev
+    plain.load_lora(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = list(plain.loop(PROMPTS[0], width=SIZE, height=SIZE, sampler="lcm", num_inference_steps=2))
+    after = list(plain.loop(PROMPTS[0], width=SIZE, height=SIZE, sampler="ddim", num_inference_steps=2))[-1].x_prev
+    assert len(records) == 2 and (after - before).abs().max() > 1e-2
 
 
 def test_img2img_runs_the_end_of_the_plan(ours):
