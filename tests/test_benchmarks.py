@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.reference
 
 RUN = Path(__file__).parent.parent / "benchmarks" / "run.py"
-FP32_ROWS = ("unet-fp32", "vae-decode", "text-encoder", "cifar-train-step")
+FP32_ROWS = ("unet-fp32", "vae-decode", "text-encoder", "cifar-train-step", "turbo-1step", "lcm-4step")
 BF16_ROWS = ("unet-bf16", "txt2img-bf16", "mnist-train")  # mnist-train: bf16 autocast where the CPU has it
 
 

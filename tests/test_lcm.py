@@ -245,22 +245,26 @@ def test_conditioning_joins_the_guidance_embedding():
         join(a, Conditioning())
 
 
+def plain_model(ours) -> StableDiffusion:
+    """The LCM fixture without its guidance embedding or its LCM defaults: an ordinary SD 1.x-shaped model."""
+    plain_unet = UNet(ours.unet.config.with_(time_cond_proj_dim=None))
+    return StableDiffusion(ours.tokenizer, ours.text_encoder, plain_unet, ours.vae,
+                           ours.config.with_(unet=plain_unet.config, distilled=None, default_sampler=None,
+                                             default_steps=None, default_guidance=None))
+
+
 def test_lcm_sampler_on_a_plain_model_warns(ours):
     """The LCM sampler needs an LCM-distilled UNet or an LCM-LoRA; on anything else it warns (once the loop starts)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         next(iter(ours.loop(PROMPTS[0], width=SIZE, height=SIZE, sampler="lcm")))  # an LCM: no warning
-    plain_unet = UNet(ours.unet.config.with_(time_cond_proj_dim=None))
-    plain = StableDiffusion(ours.tokenizer, ours.text_encoder, plain_unet, ours.vae,
-                            ours.config.with_(unet=plain_unet.config, distilled=None, default_sampler=None,
-                                              default_steps=None, default_guidance=None))
+    plain = plain_model(ours)
     for name in ("lcm", "LCM"):
         with pytest.warns(UserWarning, match="LCM sampler expects an LCM-distilled model or an LCM-LoRA"):
             next(iter(plain.loop(PROMPTS[0], width=SIZE, height=SIZE, sampler=name, num_inference_steps=2)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         next(iter(plain.loop(PROMPTS[0], width=SIZE, height=SIZE, sampler="ddim", num_inference_steps=2)))
-    return plain
 
 
 def test_an_lcm_lora_file_runs_the_lcm_sampler_without_a_warning(ours, tmp_path):
@@ -270,7 +274,7 @@ def test_an_lcm_lora_file_runs_the_lcm_sampler_without_a_warning(ours, tmp_path)
     from ldm.convert.lora import save_lora
     from ldm.lora import LoRA
 
-    plain = test_lcm_sampler_on_a_plain_model_warns(ours)
+    plain = plain_model(ours)
     lora = LoRA.create(plain.unet, rank=2, targets="attention+conv")
     for layer in lora.layers.values():
         torch.nn.init.normal_(layer.up.weight, std=0.05)

@@ -212,3 +212,17 @@ def test_a_fitted_linear_preview_reproduces_a_trained_toy_vae(mnist_small, tmp_p
         target = F.adaptive_avg_pool2d(vae.decode(z / s).clamp(-1, 1), z.shape[-2:])
     fitted, constant = psnr(linear(z), target), psnr(target.mean().expand_as(target), target)
     assert fitted > 19 and fitted > constant + 8, (fitted, constant)
+
+
+def test_cli_names_a_bad_decoder_or_preview(reference, tmp_path, capsys):
+    from ldm.cli import main
+
+    base = ["txt2img", str(reference[1]), "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path / "x.png")]
+    for extra, message in ((["--vae-decoder", "taesd.pth"], "expected tiny:PATH (a TAESD)"),
+                           (["--vae-decoder", f"tiny:{tmp_path / 'none'}"], "none"),
+                           (["--preview", "sharp"], "unknown preview 'sharp'"),
+                           (["--preview", "tiny:x", "--hires-scale", "2"], "--hires-scale makes two")):
+        with pytest.raises(SystemExit):
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -333,8 +333,8 @@ def test_ui_names_resolve_and_unknown_ones_list_the_known():
     assert resolve_sampler("DPM++ SDE Karras") == ("dpm++sde", "karras") and resolve_sampler("DPM++ SDE")[1] is None
     assert resolve_sampler("Euler a") == ("euler_a", None) and resolve_sampler("heun", "beta") == ("heun", "beta")
     assert all(resolve_sampler(alias)[0] in SAMPLERS for alias in ALIASES)
-    with pytest.raises(ValueError, match=r"unknown sampler 'PLMS'; known: ddpm, ddim, .*heun, lms; or as UIs name "
-                                         r"them: Euler, Euler a, DPM\+\+ 2M, DPM\+\+ 2M Karras, .*DDIM"):
+    with pytest.raises(ValueError, match=r"unknown sampler 'PLMS'; known: ddpm, ddim, .*heun, lms, lcm; or as UIs "
+                                         r"name them: Euler, Euler a, DPM\+\+ 2M, DPM\+\+ 2M Karras, .*DDIM, LCM"):
         get_sampler("PLMS")
     with pytest.raises(ValueError, match="means sigmas='karras'"):
         resolve_sampler("LMS Karras", "beta")

@@ -135,10 +135,11 @@ def add_preview_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preview-every", type=number(int, 1), default=1, metavar="N", help="a preview every N steps")
 
 
-def preview_files(args: argparse.Namespace, total: int) -> PreviewFiles | None:
+def preview_files(args: argparse.Namespace, pipe, total: int) -> PreviewFiles | None:
     """The command's --preview files, OUT.preview.png and OUT.preview.gif, or None."""
-    if not args.preview:
+    if args.preview in (None, "none"):
         return None
+    pipe.previewer(args.preview)  # a bad kind fails here, before the progress bar (the loop makes it lazily)
     out = Path(args.out)
     return PreviewFiles(out.with_name(out.stem + ".preview.png"), out.with_name(out.stem + ".preview.gif"), total,
                         args.preview_every)

@@ -73,8 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         total = pipe.steps_run(args.steps, options.get("strength", 1.0), options.get("image"))
         records = pipe.loop(args.prompt, preview=args.preview or "auto", **options)
+        previews = preview_files(args, pipe, total)
         with torch.inference_mode():
-            images = pipe.images(denoise(pipe, records, total, trajectory_path(args), preview_files(args, total)), "pil")
+            images = pipe.images(denoise(pipe, records, total, trajectory_path(args), previews), "pil")
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     out.parent.mkdir(parents=True, exist_ok=True)

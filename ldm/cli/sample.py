@@ -35,7 +35,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.trajectory or args.preview:
         records = pipe.loop(args.n, preview=args.preview or "auto", **options)
         with torch.inference_mode():
-            samples = denoise(pipe, records, args.steps, trajectory_path(args), preview_files(args, args.steps))
+            samples = denoise(pipe, records, args.steps, trajectory_path(args), preview_files(args, pipe, args.steps))
     else:
         samples = pipe(args.n, batch_size=args.batch_size, output="tensor", **options)
     save_grid(samples, out, nrow=args.nrow, scale=args.scale)
