@@ -9,8 +9,8 @@ On the benchmark weights (``_weights.py``: the SD-Turbo-shaped SD 2.1-base UNet,
     preview: linear    ``LatentRGB`` on x̂₀ and the bilinear enlargement to 512² (``ldm.preview.Previewer("linear")``)
     preview: tiny      TAESD's decoder (``Previewer`` with an ``AutoencoderTiny``), ldm's fast CPU convolutions on
     preview: full      the SD VAE's decode
-    compile            the batch-1 step of the plain UNet (``ldm.perf``'s fast convolutions off: inductor compiles plain
-                       PyTorch) under ``torch.compile`` after its warm-up, the warm-up's cost, and both eager paths
+    compile            the batch-1 step after ``pipe.compile()`` (``torch.compile`` of the plain UNet: ``ldm.perf``'s
+                       fast convolutions off) after its warm-up, the warm-up's cost, and both eager paths
 
 Each preview is reported as a share of the unguided step, the worst case (a guided step costs twice as much, so the
 share halves). Times are medians of interleaved calls after a warm-up. ``--quick`` runs the quick weights, one
@@ -80,15 +80,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * seconds / steps[2]:5.1f} % of a guided one")
     if args.no_compile or args.quick:
         return
-    # inductor traces plain PyTorch: the fast path's per-call filter transforms and size-dependent choices of
-    # algorithm break its graph into pieces (and recompile at every width), so compile the teaching model
+    # ``Pipeline.compile`` compiles the plain UNet (the fast path's per-call filter transforms and size-dependent
+    # choices of algorithm would break inductor's graph into pieces and recompile at every width)
     disable_fast_cpu(pipe.unet)
     plain = timed(lambda: pipe.unet(x[:1], t[:1], context[:1]), repeats)
-    compiled = torch.compile(pipe.unet)
+    pipe.compile()
     start = time.perf_counter()
-    compiled(x[:1], t[:1], context[:1])
+    pipe.unet(x[:1], t[:1], context[:1])
     warmup = time.perf_counter() - start
-    seconds = timed(lambda: compiled(x[:1], t[:1], context[:1]), repeats)
+    seconds = timed(lambda: pipe.unet(x[:1], t[:1], context[:1]), repeats)
     print(f"torch.compile (inductor) of the plain UNet: warm-up {warmup:.0f} s, then {seconds:.3f} s/step; eager "
           f"plain {plain:.3f} s ({100 * (plain - seconds) / plain:+.1f} %), eager with ldm's fast convolutions "
           f"{steps[1]:.3f} s ({100 * (steps[1] - seconds) / steps[1]:+.1f} %)")

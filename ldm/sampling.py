@@ -26,6 +26,7 @@ from PIL import Image
 from .conditioning import Conditioning
 from .diffusion import PREDICTIONS, Model, Prediction
 from .images import to_pil, to_uint8
+from .perf import disable_fast_cpu
 from .preview import Previewer, with_previews
 from .samplers import (DEFAULT_SPACING, classifier_free_guidance, randn, resolve_sampler, run_to_end,
                        sampler_sigmas, sampler_timesteps)
@@ -144,6 +145,17 @@ class Pipeline:
         for model in self.models:
             vae_in_fp16 = model is getattr(self, "vae", None) and dtype == torch.float16
             model.to(device=device, dtype=torch.float32 if vae_in_fp16 else dtype)
+        return self
+
+    def compile(self, **options) -> "Pipeline":
+        """Run the UNet under ``torch.compile`` (inductor; ``options`` go to it), in place: state-dict keys, LoRAs and
+        saving are unchanged. Inductor traces plain PyTorch, so ``ldm.perf``'s fast convolutions are switched off
+        first (their per-call filter transforms would split its graph). It fuses the elementwise work between the
+        convolutions (GroupNorm, SiLU, residual adds); ``benchmarks/realtime.py`` measures it. The first call at each
+        new shape (batch, size, guided or not) compiles, which takes minutes on a CPU, so it pays for long sessions
+        only: off unless asked for."""
+        disable_fast_cpu(self.unet)
+        self.unet.compile(**options)
         return self
 
     @property

@@ -36,6 +36,17 @@ def test_sample_is_reproducible_and_writes_npy(run_dir, tmp_path):
     assert not np.array_equal(np.load(a), x)
 
 
+def test_sample_compile_compiles_the_pipeline(run_dir, tmp_path, monkeypatch):
+    """--compile reaches ``Pipeline.compile`` (whose samples test_sampling compares with eager ones)."""
+    from ldm.sampling import Pipeline
+
+    compiled = []
+    monkeypatch.setattr(Pipeline, "compile", lambda pipe: compiled.append(pipe) or pipe)
+    for extra in ([], ["--compile"]):
+        main(["sample", str(run_dir), "--steps", "1", "--n", "1", "--out", str(tmp_path / "g.png"), *extra])
+    assert len(compiled) == 1
+
+
 def test_sample_trajectory_class_and_guidance(run_dir, tmp_path, monkeypatch):
     """--trajectory writes OUT_trajectory.png (x_t over x̂_0 of the first sample at ≤ 10 evenly spaced steps) and
     OUT_trajectory.gif (one frame per kept step); --class conditions every sample on that label; --guidance is

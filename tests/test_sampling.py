@@ -143,3 +143,22 @@ def test_join_doubles_every_field_and_broadcasts_a_single_null():
         join(cond, Conditioning(context=torch.zeros(3, 5, 8)))
     with pytest.raises(ValueError, match="disagree on the batch size"):
         Conditioning(context=torch.zeros(2, 5, 8), pooled=torch.zeros(3, 4))
+
+
+def test_compile_runs_the_plain_unet_under_inductor_with_the_same_samples():
+    """``compile`` swaps ldm's fast convolutions back to plain ones (inductor traces plain PyTorch) and compiles the
+    UNet in place: the samples equal eager ones, the state dict keeps its keys, and the fast path is gone."""
+    from ldm.perf import FastConv2d
+
+    config = UNetConfig(in_channels=1, out_channels=1, sample_size=8, channels=FastConv2d.MIN_CHANNELS,
+                        channel_mult=(1,), num_res_blocks=1, attention=(False,), mid_attention=False, norm_groups=8)
+    pipe = DiffusionPipeline(loud(UNet(config)))
+    eager = pipe(2, num_inference_steps=3, output="tensor", progress=False)
+    keys = set(pipe.unet.state_dict())
+    assert any(isinstance(m, FastConv2d) for m in pipe.unet.modules())
+    assert pipe.compile() is pipe
+    compiled = pipe(2, num_inference_steps=3, output="tensor", progress=False)
+    assert not any(isinstance(m, FastConv2d) for m in pipe.unet.modules())
+    assert set(pipe.unet.state_dict()) == keys and pipe.unet._compiled_call_impl is not None
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert (compiled - pipe(2, num_inference_steps=3, seed=1, output="tensor", progress=False)).abs().max() > 0.1
