@@ -36,14 +36,17 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int = 1) -> Image.Image:
+    """(N, C, H, W) images in [−1, 1] as one PIL grid; ``scale`` enlarges small images."""
+    img = to_pil(make_grid(images, nrow))
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Save (N, C, H, W) images in [−1, 1] as one PNG grid; ``scale`` enlarges small images."""
+    """Save (N, C, H, W) images in [−1, 1] as one PNG grid (``grid_image``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = to_pil(make_grid(images, nrow))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    grid_image(images, nrow, scale).save(path)
     return path
 
 

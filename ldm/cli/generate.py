@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..provenance import save_png
 from ..sampling import default_device
 from ..stable_diffusion import StableDiffusion, check_refiner
 from .common import (DTYPES, add_adapter_options, add_adapters, add_model, add_preview_options, add_sampling,
                      add_seeds, denoise, load, model_path, number, preview_files, trajectory_path)
+from .provenance import add_provenance_options, apply_from_png, settings
 
 
 def load_sd(args: argparse.Namespace, path: str | None = None) -> StableDiffusion:
@@ -42,6 +44,9 @@ def load_sd(args: argparse.Namespace, path: str | None = None) -> StableDiffusio
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """txt2img, img2img and inpaint: the same pipeline call with an image, a strength or a mask."""
+    apply_from_png(args)
+    if args.prompt is None:
+        raise ValueError("give --prompt (or --from-png IMAGE)")
     pipe = load_sd(args)
     options = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                    sampler=args.sampler, sigmas=args.sigmas, seed=args.seed, seeds=args.seeds,
@@ -79,8 +84,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     out.parent.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(images, paths):
-        image.save(path)
+    seeds = args.seeds or [args.seed + k for k in range(len(images))]
+    # txt2img's size is the one asked for (a hires fix's images are larger); the others draw at the image's
+    size = (dict(width=args.width or pipe.config.size, height=args.height or pipe.config.size)
+            if args.command == "txt2img" else dict(width=images[0].width, height=images[0].height))
+    for image, path, seed in zip(images, paths, seeds):  # each PNG records the run that makes it alone
+        recorded = settings(args, pipe, sampler=args.sampler or pipe.default_sampler, steps=args.steps or
+                            pipe.default_steps, guidance_scale=pipe.guidance(args.guidance_scale), seed=seed, seeds=None,
+                            n=1, **size)
+        save_png(image, path, recorded)
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
 
 
@@ -90,7 +102,7 @@ def add_generate_commands(sub) -> None:
                         ("inpaint", "repaint the white part of a mask")):
         p = sub.add_parser(name, help=help_)
         add_model(p, "single file (.safetensors/.ckpt) or diffusers folder")
-        p.add_argument("--prompt", required=True)
+        p.add_argument("--prompt", help="what to draw (required unless --from-png gives it)")
         p.add_argument("--negative-prompt", default=None)
         if name == "txt2img":
             p.add_argument("--width", type=int, help="default: the model's training size (512 SD 1, 768 SD 2-v, 1024 SDXL)")
@@ -110,6 +122,7 @@ def add_generate_commands(sub) -> None:
             p.add_argument("--mask", required=True, help="grayscale mask, white = repaint, same size as the image")
         add_sampling(p, None, None, None, 1)
         add_preview_options(p)
+        add_provenance_options(p, reproduces=name == "txt2img")
         add_seeds(p)
         add_adapter_options(p)
         p.add_argument("--guidance-rescale", type=float, default=0.0,

@@ -8,15 +8,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..images import save_grid
+from ..images import grid_image
 from ..metrics import evaluate_digits, load_samples_npy
 from ..pipeline import DiffusionPipeline
+from ..provenance import save_png
 from ..samplers import resolve_sampler
 from .common import (add_adapter_options, add_adapters, add_model, add_preview_options, add_sampling, add_seeds,
                      denoise, load, model_path, number, preview_files, trajectory_path)
+from .provenance import add_provenance_options, apply_from_png, settings
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    apply_from_png(args)
     pipe = load(args)
     if not isinstance(pipe, DiffusionPipeline):
         raise ValueError(f"{model_path(args)} is a Stable Diffusion checkpoint: use `ldm txt2img`")
@@ -38,7 +41,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
             samples = denoise(pipe, records, args.steps, trajectory_path(args), preview_files(args, pipe, args.steps))
     else:
         samples = pipe(args.n, batch_size=args.batch_size, output="tensor", **options)
-    save_grid(samples, out, nrow=args.nrow, scale=args.scale)
+    recorded = settings(args, pipe, sampler=args.sampler, steps=args.steps)
+    save_png(grid_image(samples, nrow=args.nrow, scale=args.scale), out, recorded)
     print(f"wrote {out}")
     if args.npy:
         np.save(args.npy, ((samples.float().cpu().clamp(-1, 1) + 1) / 2).numpy())
@@ -78,6 +82,7 @@ def add_sample_commands(sub) -> None:
     s.add_argument("--npy", help="also save samples as an N×C×H×W float32 array in [0, 1]")
     s.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png and .gif (x_t | predicted x0)")
     add_preview_options(s)
+    add_provenance_options(s, reproduces=True)
     s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--nrow", type=int)
     s.add_argument("--scale", type=int, default=2, help="enlarge the grid image by this factor")
