@@ -1,13 +1,13 @@
 """The ``ldm`` command line: train, train-vae, finetune, sample, evaluate, txt2img, img2img, inpaint, inspect, convert,
-info.
+info, studio.
 
 One grammar for all: the model is the positional MODEL (or ``--checkpoint MODEL``), ``--n`` is the number of
 images written, ``--guidance`` is the classifier-free guidance scale, ``--trajectory`` writes OUT_trajectory.png
 and .gif, ``--preview`` keeps OUT.preview.png showing the image as it forms, and an unknown option is an error that
 names it (``train`` and ``train-vae`` take any config field as ``--field value``). One module per family of
 commands: ``train`` (train, train-vae, finetune), ``sample`` (sample, evaluate), ``generate`` (txt2img, img2img,
-inpaint), ``checkpoints`` (inspect, convert), ``provenance`` (info, and the settings every PNG records); ``common``
-holds what they share.
+inpaint), ``checkpoints`` (inspect, convert), ``provenance`` (info, and the settings every PNG records),
+``studio``; ``common`` holds what they share.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..loop import TrainingDiverged
 from .checkpoints import add_checkpoint_commands
 from .generate import add_generate_commands
 from .provenance import add_info_command
+from .studio import add_studio_command
 from .sample import add_sample_commands
 from .train import add_training_commands, override_config
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_commands(sub)
     add_checkpoint_commands(sub)
     add_info_command(sub)
+    add_studio_command(sub)
     return parser
 
 

@@ -36,17 +36,27 @@ def add_provenance_options(p: argparse.ArgumentParser, reproduces: bool) -> None
 
 
 def settings(args: argparse.Namespace, pipe, **resolved: Any) -> dict[str, Any] | None:
-    """What the PNG records: the command, the model (name, path, SHA-256) and its recorded options, with
-    ``resolved`` (the values the model's defaults gave, one image's seed) in place of the command line's."""
+    """What the command's PNG records (``recorded``), with ``resolved`` (the values the model's defaults gave, one
+    image's seed) in place of the command line's; None with --no-metadata."""
     if args.no_metadata:
         return None
-    model = Path(model_path(args))
-    recorded = {name: getattr(args, name, None) for name in RECORDED[args.command]}
+    options = {name: getattr(args, name, None) for name in RECORDED[args.command]}
+    return recorded(args.command, model_path(args), **(options | resolved))
+
+
+def recorded(command: str, model: str | Path, **options: Any) -> dict[str, Any]:
+    """The settings a PNG records for ``ldm COMMAND MODEL`` with these options, the rest at the command's defaults:
+    the command, the model (name, path, SHA-256) and every option in ``RECORDED[command]``, so that ``--from-png``
+    runs the same command again (the studio's PNGs too)."""
+    model = Path(model)
+    parser = _command_parser(command)
+    values = {name: options.get(name, parser.get_default(name)) for name in RECORDED[command]}
     for name in ("image", "mask", "refiner"):
-        if recorded.get(name):
-            recorded[name] = str(Path(recorded[name]).resolve())
-    return {"command": args.command, "model": model.stem if model.is_file() else model.resolve().name,
-            "model_path": str(model.resolve()), "model_sha256": model_sha256(model), **recorded, **resolved}
+        if values.get(name):
+            values[name] = str(Path(values[name]).resolve())
+    extra = {k: v for k, v in options.items() if k not in values}  # e.g. the size an img2img image gave
+    return {"command": command, "model": model.stem if model.is_file() else model.resolve().name,
+            "model_path": str(model.resolve()), "model_sha256": model_sha256(model), **values, **extra}
 
 
 def apply_from_png(args: argparse.Namespace) -> None:
