@@ -16,6 +16,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -179,79 +180,94 @@ def app(studio: Studio):
     """The page (a Gradio ``Blocks``): the form, a live preview, the image, its trajectory and its PNG."""
     import gradio as gr
 
-    d = studio.defaults()
     with gr.Blocks(title=f"ldm studio — {studio.model.name}") as page:
         gr.Markdown(f"## ldm studio — `{studio.model.name}`\nEvery step shows x̂₀, the model's current guess of the "
                     "finished image; the PNG records how it was made (`ldm info`, `--from-png`).")
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="prompt", visible=studio.is_sd, elem_id="prompt")
-                negative = gr.Textbox(label="negative prompt", visible=studio.is_sd, elem_id="negative")
-                classes = [("none (unconditional)", -1)] + [(str(k), k) for k in range(studio.num_classes or 0)]
-                label = gr.Dropdown(classes, value=d.class_label if d.class_label is not None else -1, label="class",
-                                    visible=bool(studio.num_classes), elem_id="class")
-                with gr.Row():
-                    seed = gr.Number(value=d.seed, precision=0, label="seed", elem_id="seed")
-                    random_seed = gr.Checkbox(label="random seed", elem_id="random-seed")
-                sampler = gr.Dropdown(studio.samplers, value=d.sampler, label="sampler", elem_id="sampler")
-                steps = gr.Slider(1, 1000, value=d.steps, step=1, label="steps", elem_id="steps")
-                guidance = gr.Slider(0, 20, value=d.guidance, step=0.5, label="guidance", elem_id="guidance")
-                width = gr.Slider(256, 1536, value=d.width or 512, step=64, label="width", visible=studio.is_sd)
-                height = gr.Slider(256, 1536, value=d.height or 512, step=64, label="height", visible=studio.is_sd)
-                with gr.Row():
-                    go = gr.Button("generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("cancel", elem_id="cancel")
-                reproduce = gr.File(label="reproduce: drop a PNG to read its settings into the form",
-                                    file_types=[".png"], type="filepath", elem_id="reproduce")
-            with gr.Column():
-                status = gr.Markdown(elem_id="status")
-                preview = gr.Image(label="image", type="pil", format="png", interactive=False, elem_id="preview")
-                download = gr.DownloadButton("download PNG (with its settings)", visible=False, elem_id="download")
-                scrub = gr.Slider(1, 2, value=1, step=1, label="trajectory step: x_t (left) and x̂₀ (right)",
-                                  visible=False, elem_id="scrub")
-                strip = gr.Image(label="trajectory", type="pil", format="png", interactive=False, visible=False,
-                                 elem_id="strip")
+        ui = _layout(gr, studio)
         frames = gr.State([])
-
-        def generate(prompt_, negative_, label_, seed_, random_, sampler_, steps_, guidance_, width_, height_):
-            seed_ = random.randrange(2**31) if random_ else int(seed_ or 0)
-            request = Request(prompt_ or "", negative_ or "", None if label_ in (None, -1) else int(label_), seed_,
-                              sampler_, int(steps_), float(guidance_), int(width_) if studio.is_sd else None,
-                              int(height_) if studio.is_sd else None)
-            try:
-                for frame in studio.run(request):
-                    if frame.image is None:
-                        yield (frame.preview, f"step {frame.step} / {frame.total} (seed {seed_})", gr.skip(),
-                               gr.skip(), gr.skip(), gr.skip(), seed_)
-                    else:
-                        n = len(frame.trajectory)
-                        yield (frame.image, f"done: {n} steps, seed {seed_}", gr.update(value=str(frame.png),
-                               visible=True), gr.update(maximum=n, value=n, visible=n > 1),
-                               gr.update(value=frame.trajectory[-1], visible=True), frame.trajectory, seed_)
-            except ValueError as e:
-                raise gr.Error(str(e)) from None
-
-        def show(step, trajectory):
-            return trajectory[int(step) - 1] if trajectory else gr.skip()
-
-        def read_png(path):
-            if path is None:
-                return [gr.skip()] * 9
-            try:
-                r = studio.from_png(path)
-            except ValueError as e:
-                raise gr.Error(str(e)) from None
-            return (r.prompt, r.negative_prompt, r.class_label if r.class_label is not None else -1, r.seed, False,
-                    r.sampler, r.steps, r.guidance, f"read the settings of {Path(path).name}")
-
-        run = go.click(generate, [prompt, negative, label, seed, random_seed, sampler, steps, guidance, width, height],
-                       [preview, status, download, scrub, strip, frames, seed], concurrency_limit=1,
-                       concurrency_id="model")
-        stop.click(None, cancels=[run])
-        scrub.change(show, [scrub, frames], strip)
-        reproduce.upload(read_png, reproduce, [prompt, negative, label, seed, random_seed, sampler, steps, guidance,
-                                               status])
+        form = [ui.prompt, ui.negative, ui.label, ui.seed, ui.random_seed, ui.sampler, ui.steps, ui.guidance,
+                ui.width, ui.height]
+        run = ui.go.click(_generate(gr, studio), form, [ui.preview, ui.status, ui.download, ui.scrub, ui.strip, frames,
+                                                        ui.seed], concurrency_limit=1, concurrency_id="model")
+        ui.stop.click(None, cancels=[run])
+        ui.scrub.change(lambda step, shown: shown[int(step) - 1] if shown else gr.skip(), [ui.scrub, frames], ui.strip)
+        ui.reproduce.upload(_read_png(gr, studio), ui.reproduce, [*form, ui.status])
     return page
+
+
+def _layout(gr, studio: Studio) -> SimpleNamespace:
+    """The page's components: the form on the left, what it makes on the right."""
+    d, ui = studio.defaults(), SimpleNamespace()
+    with gr.Row():
+        with gr.Column():
+            ui.prompt = gr.Textbox(label="prompt", visible=studio.is_sd, elem_id="prompt")
+            ui.negative = gr.Textbox(label="negative prompt", visible=studio.is_sd, elem_id="negative")
+            classes = [("none (unconditional)", -1)] + [(str(k), k) for k in range(studio.num_classes or 0)]
+            ui.label = gr.Dropdown(classes, value=-1 if d.class_label is None else d.class_label, label="class",
+                                   visible=bool(studio.num_classes), elem_id="class")
+            with gr.Row():
+                ui.seed = gr.Number(value=d.seed, precision=0, label="seed", elem_id="seed")
+                ui.random_seed = gr.Checkbox(label="random seed", elem_id="random-seed")
+            ui.sampler = gr.Dropdown(studio.samplers, value=d.sampler, label="sampler", elem_id="sampler")
+            ui.steps = gr.Slider(1, 1000, value=d.steps, step=1, label="steps", elem_id="steps")
+            ui.guidance = gr.Slider(0, 20, value=d.guidance, step=0.5, label="guidance", elem_id="guidance")
+            ui.width = gr.Slider(256, 1536, value=d.width or 512, step=64, label="width", visible=studio.is_sd)
+            ui.height = gr.Slider(256, 1536, value=d.height or 512, step=64, label="height", visible=studio.is_sd)
+            with gr.Row():
+                ui.go = gr.Button("generate", variant="primary", elem_id="generate")
+                ui.stop = gr.Button("cancel", elem_id="cancel")
+            ui.reproduce = gr.File(label="reproduce: drop a PNG to read its settings into the form",
+                                   file_types=[".png"], type="filepath", elem_id="reproduce")
+        with gr.Column():
+            ui.status = gr.Markdown(elem_id="status")
+            ui.preview = gr.Image(label="image", type="pil", format="png", interactive=False, elem_id="preview")
+            ui.download = gr.DownloadButton("download PNG (with its settings)", visible=False, elem_id="download")
+            ui.scrub = gr.Slider(1, 2, value=1, step=1, label="trajectory step: x_t (left) and x̂₀ (right)",
+                                 visible=False, elem_id="scrub")
+            ui.strip = gr.Image(label="trajectory", type="pil", format="png", interactive=False, visible=False,
+                                elem_id="strip")
+    return ui
+
+
+def _generate(gr, studio: Studio):
+    """The generate button's handler: a preview per step, then the image, its PNG and its trajectory."""
+
+    def generate(prompt, negative, label, seed, random_seed, sampler, steps, guidance, width, height):
+        seed = random.randrange(2**31) if random_seed else int(seed or 0)
+        request = Request(prompt or "", negative or "", None if label in (None, -1) else int(label), seed, sampler,
+                          int(steps), float(guidance), int(width) if studio.is_sd else None,
+                          int(height) if studio.is_sd else None)
+        try:
+            for frame in studio.run(request):
+                if frame.image is None:
+                    yield (frame.preview, f"step {frame.step} / {frame.total} (seed {seed})", gr.skip(), gr.skip(),
+                           gr.skip(), gr.skip(), seed)
+                    continue
+                n = len(frame.trajectory)
+                yield (frame.image, f"done: {n} steps, seed {seed}", gr.update(value=str(frame.png), visible=True),
+                       gr.update(maximum=n, value=n, visible=n > 1), gr.update(value=frame.trajectory[-1], visible=True),
+                       frame.trajectory, seed)
+        except (ValueError, RuntimeError) as e:  # a bad request is a message on the page; the server goes on
+            raise gr.Error(str(e)) from None
+
+    return generate
+
+
+def _read_png(gr, studio: Studio):
+    """The drop zone's handler: a PNG's settings into the form."""
+
+    def read_png(path):
+        if path is None:
+            return [gr.skip()] * 11
+        try:
+            r = studio.from_png(path)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return (r.prompt, r.negative_prompt, -1 if r.class_label is None else r.class_label, r.seed, False, r.sampler,
+                r.steps, r.guidance, r.width or gr.skip(), r.height or gr.skip(),
+                f"read the settings of {Path(path).name}")
+
+    return read_png
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, device: str | None = None,

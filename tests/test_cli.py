@@ -196,7 +196,8 @@ def test_latent_recipe_commands(tmp_path):
 REQUIRED = {"train": ["--out", "x"], "train-vae": ["--out", "x"], "sample": ["m"], "evaluate": ["m"],
             "txt2img": ["m", "--prompt", "a"], "img2img": ["m", "--prompt", "a", "--image", "i.png"],
             "inpaint": ["m", "--prompt", "a", "--image", "i.png", "--mask", "k.png"], "inspect": ["m"],
-            "convert": ["m", "out"], "finetune": ["m", "--data", "d", "--out", "x"], "info": ["i.png"]}
+            "convert": ["m", "out"], "finetune": ["m", "--data", "d", "--out", "x"], "info": ["i.png"],
+            "studio": ["m"]}
 
 
 def test_every_command_refuses_an_unknown_option_by_name(capsys):
