@@ -280,6 +280,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, device: 
     pipe = load_pipeline(model, device=device or default_device())
     page = app(Studio(pipe, model))
     page.queue(default_concurrency_limit=1)
+    print(f"ldm studio: {model} at http://{host}:{port}/ (Ctrl-C stops it)")
     page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=True)
     return page
 

@@ -184,7 +184,7 @@ def sd_folder(tmp_path_factory):
     return save_diffusers_folder(stable_diffusion(), tmp_path_factory.mktemp("sd") / "model")
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "DPM++ 2M Karras", "euler_a", "dpm++sde"])
+@pytest.mark.parametrize("sampler", [*SAMPLERS, "DPM++ 2M Karras"])
 def test_txt2img_from_png_reproduces_each_image(sampler, sd_folder, tmp_path, capsys):
     out = tmp_path / "cat.png"
     main(["txt2img", str(sd_folder), "--prompt", "a red cat, sitting", "--negative-prompt", "dog", "--steps", "3",

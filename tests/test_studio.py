@@ -162,6 +162,10 @@ def test_the_cli_warns_of_an_open_host_and_names_a_taken_port(run_dir, capsys):
             main(["studio", str(run_dir), "--host", "0.0.0.0", "--port", str(port)])
     err = capsys.readouterr().err
     assert "has no authentication" in err and f"port {port} on 0.0.0.0 is in use" in err
+    with pytest.raises(SystemExit):
+        main(["studio", str(run_dir / "missing"), "--port", str(free_port())])
+    err = capsys.readouterr().err
+    assert "missing" in err and err.count("\n") == 1, err
 
 
 # --- the page, in a browser -------------------------------------------------------------------------------------------

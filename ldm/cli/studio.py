@@ -18,7 +18,6 @@ def cmd_studio(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"ldm studio: warning: --host {args.host} serves the studio to every machine that can reach this one, "
               "and the page has no authentication", file=sys.stderr)
-    print(f"ldm studio: http://{args.host}:{args.port}/ (Ctrl-C stops it)")
     serve(model_path(args), host=args.host, port=args.port, device=args.device)
 
 
