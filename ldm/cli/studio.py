@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from .common import add_model, model_path
 
 
 def cmd_studio(args: argparse.Namespace) -> None:
-    try:
-        import gradio  # noqa: F401  (only to say what is missing before loading a model)
-    except ImportError:
-        raise ValueError('the studio needs Gradio: pip install -e ".[studio]" (or pip install gradio)') from None
+    if importlib.util.find_spec("gradio") is None:  # said before a model loads
+        raise ValueError('the studio needs Gradio: pip install -e ".[studio]" (or pip install gradio)')
     from ..studio import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
