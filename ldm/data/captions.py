@@ -22,6 +22,7 @@ from .dataset import load_dataset, resize_images
 from .folder import IMAGE_EXTENSIONS, find_images, load_image
 
 MNIST_PREFIX = "mnist-bundled:"
+MNIST_TEXT = "mnist-text"  # every bundled digit, captioned from what it looks like (``ldm.data.digits``)
 
 
 @dataclass
@@ -39,12 +40,16 @@ class CaptionedImages:
 
 def load_captioned(source: str | os.PathLike, resolution: int, channels: int, caption: str | None = None,
                    limit: int | None = None) -> CaptionedImages:
-    """A folder of images with optional same-named ``.txt`` captions (``caption`` overrides them all), or
-    ``mnist-bundled:D`` (digit D). ``limit`` keeps the first images. ValueError naming the folder when it holds no
-    image, and naming every file that cannot be read."""
+    """A folder of images with optional same-named ``.txt`` captions (``caption`` overrides them all),
+    ``mnist-bundled:D`` (digit D), or ``mnist-text`` (every digit, captioned by its looks). ``limit`` keeps the first
+    images. ValueError naming the folder when it holds no image, and naming every file that cannot be read."""
     source = str(source)
     if source.startswith(MNIST_PREFIX):
         return mnist_digit(source, resolution, channels, caption, limit)
+    if source == MNIST_TEXT:
+        from .digits import captioned_mnist
+
+        return captioned_mnist(resolution, channels, limit)
     root, paths = Path(source).expanduser(), image_paths(source, limit)
     images, bad = [], []
     for path in paths:
@@ -63,7 +68,7 @@ def image_paths(source: str | os.PathLike, limit: int | None = None) -> list[Pat
     """The images a folder source holds (the first ``limit``); cheap, so a command checks ``--data`` before it loads
     a model. ValueError naming the folder when there is no such folder or no image in it."""
     root = Path(source).expanduser()
-    if str(source).startswith(MNIST_PREFIX):
+    if str(source).startswith(MNIST_PREFIX) or str(source) == MNIST_TEXT:
         return []
     if not root.is_dir():
         raise ValueError(f"--data {root}: no such folder (expected a folder of images, or {MNIST_PREFIX}D)")
