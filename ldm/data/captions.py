@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .dataset import load_dataset, resize_images
+from .digits import caption_digits, measure_digits, shift_digits
 from .folder import IMAGE_EXTENSIONS, find_images, load_image
 
 MNIST_PREFIX = "mnist-bundled:"
@@ -47,8 +48,6 @@ def load_captioned(source: str | os.PathLike, resolution: int, channels: int, ca
     if source.startswith(MNIST_PREFIX):
         return mnist_digit(source, resolution, channels, caption, limit)
     if source == MNIST_TEXT:
-        from .digits import captioned_mnist
-
         return captioned_mnist(resolution, channels, limit)
     root, paths = Path(source).expanduser(), image_paths(source, limit)
     images, bad = [], []
@@ -94,6 +93,21 @@ def mnist_digit(source: str, resolution: int, channels: int, caption: str | None
     keep = (data.labels == int(digit)).nonzero().flatten()[:limit]
     images = resize_images(data.images[keep], resolution)  # the chosen ones only
     return CaptionedImages(images.clone(), [caption or ""] * len(keep), data.labels[keep].clone(), f"mnist-{digit}")
+
+
+SHIFTS = (-4, -3, 0, 3, 4)  # the horizontal moves ``captioned_mnist`` draws from: left, centred or right
+
+
+def captioned_mnist(resolution: int = 28, channels: int = 1, limit: int | None = None, seed: int = 0):
+    """The bundled MNIST test digits (the first ``limit``), each moved by a seeded draw from ``SHIFTS`` and captioned
+    from its label and what was measured on it (``caption_digits``): the ``mnist-text`` data source."""
+    data = load_dataset("mnist-bundled", channels=1)
+    images, labels = data.images[:limit], data.labels[:limit]
+    g = torch.Generator().manual_seed(seed)
+    shifted = shift_digits(images, torch.tensor(SHIFTS)[torch.randint(len(SHIFTS), (len(images),), generator=g)])
+    captions = caption_digits(labels, measure_digits(shifted), seed)
+    shifted = resize_images(shifted, resolution)
+    return CaptionedImages(shifted.expand(-1, channels, -1, -1).clone(), captions, labels.clone(), "mnist-text")
 
 
 def write_digit_folder(digit: int, out: str | os.PathLike, limit: int = 100) -> Path:

@@ -143,20 +143,3 @@ def caption_digits(labels: torch.Tensor, attributes: DigitAttributes, seed: int 
             captions.append(", ".join([head, *([" and ".join(adjectives)] if adjectives else []), *phrases]))
     return captions
 
-
-SHIFTS = (-4, -3, 0, 3, 4)  # the horizontal moves ``captioned_mnist`` draws from: left, centred or right
-
-
-def captioned_mnist(resolution: int = 28, channels: int = 1, limit: int | None = None, seed: int = 0):
-    """The bundled MNIST test digits (the first ``limit``), each moved by a seeded draw from ``SHIFTS`` and captioned
-    from its label and what was measured on it (``caption_digits``): the ``mnist-text`` data source."""
-    from .captions import CaptionedImages
-    from .dataset import load_dataset, resize_images
-
-    data = load_dataset("mnist-bundled", channels=1)
-    images, labels = data.images[:limit], data.labels[:limit]
-    g = torch.Generator().manual_seed(seed)
-    shifted = shift_digits(images, torch.tensor(SHIFTS)[torch.randint(len(SHIFTS), (len(images),), generator=g)])
-    captions = caption_digits(labels, measure_digits(shifted), seed)
-    shifted = resize_images(shifted, resolution)
-    return CaptionedImages(shifted.expand(-1, channels, -1, -1).clone(), captions, labels.clone(), "mnist-text")
