@@ -176,6 +176,17 @@ def test_no_metadata_and_a_png_without_settings(run_dir, tmp_path, capsys):
         assert "no generation settings" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("field, value", [("seed", "abc"), ("steps", -3), ("sampler", "PLMS"), ("raw_weights", "yes"),
+                                          ("seeds", "1,x"), ("guidance_scale", [1, 2]), ("nrow", 2.5)])
+def test_hostile_ldm_settings_are_refused_by_name(field, value, run_dir, tmp_path, capsys):
+    settings = {"command": "sample", "model_path": str(run_dir), field: value}
+    png = png_with(tmp_path, ldm=json.dumps(settings))
+    with pytest.raises(SystemExit):
+        main(["sample", "--from-png", png, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert f"its {field} (" in err and "is not a value --" in err and err.count("\n") == 1, err
+
+
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     """A random-weight Stable Diffusion folder (every layer initialised) written by ldm: no reference library needed."""

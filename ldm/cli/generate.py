@@ -89,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     size = (dict(width=args.width or pipe.config.size, height=args.height or pipe.config.size)
             if args.command == "txt2img" else dict(width=images[0].width, height=images[0].height))
     for image, path, seed in zip(images, paths, seeds):  # each PNG records the run that makes it alone
-        recorded = settings(args, pipe, sampler=args.sampler or pipe.default_sampler, steps=args.steps or
+        recorded = settings(args, sampler=args.sampler or pipe.default_sampler, steps=args.steps or
                             pipe.default_steps, guidance_scale=pipe.guidance(args.guidance_scale), seed=seed, seeds=None,
                             n=1, **size)
         save_png(image, path, recorded)

@@ -35,7 +35,7 @@ def add_provenance_options(p: argparse.ArgumentParser, reproduces: bool) -> None
                        "for a variation); the model defaults to the one it records")
 
 
-def settings(args: argparse.Namespace, pipe, **resolved: Any) -> dict[str, Any] | None:
+def settings(args: argparse.Namespace, **resolved: Any) -> dict[str, Any] | None:
     """What the command's PNG records (``recorded``), with ``resolved`` (the values the model's defaults gave, one
     image's seed) in place of the command line's; None with --no-metadata."""
     if args.no_metadata:
@@ -72,11 +72,11 @@ def apply_from_png(args: argparse.Namespace) -> None:
         if args.command != "txt2img":
             raise ValueError(f"{args.from_png} holds a UI's text-to-image settings: use `ldm txt2img --from-png`")
         names = FROM_INFOTEXT
-    defaults = _command_parser(args.command)
+    parser = _command_parser(args.command)
+    actions = {action.dest: action for action in parser._actions}
     for name in names:  # an option the command line set (to other than its default) wins over the image's
-        if name in found and getattr(args, name, None) == defaults.get_default(name):
-            value = found[name]
-            setattr(args, name, [tuple(v) for v in value] if name == "lora" and value else value)
+        if name in found and getattr(args, name, None) == parser.get_default(name):
+            setattr(args, name, _restored(actions[name], found[name], args.from_png))
     if args.model is None and args.checkpoint is None:
         if "model_path" not in found:
             raise ValueError(f"{args.from_png} names model {found.get('model', '?')!r} (hash "
@@ -90,6 +90,35 @@ def apply_from_png(args: argparse.Namespace) -> None:
         if not actual.startswith(recorded_hash.lower()):
             print(f"ldm {args.command}: warning: {model_path(args)} has SHA-256 {actual[:10]}…, but {args.from_png} "
                   f"was made with {recorded_hash[:10]}…: the image will differ", file=sys.stderr)
+
+
+def _restored(action: argparse.Action, value: Any, png: str) -> Any:
+    """A recorded value read back as the command line reads the option (its type, its choices), so a hand-edited
+    or hostile PNG cannot hand the command a value the option would refuse."""
+    def parse(text: str) -> Any:
+        parsed = action.type(text) if action.type else text
+        if action.choices is not None and parsed not in action.choices:
+            raise ValueError(text)
+        return parsed
+
+    def as_text(v: Any) -> str:  # lists as typed: seeds 3,17 and a LoRA as FILE:SCALE
+        return (":" if action.dest == "lora" else ",").join(map(str, v)) if isinstance(v, list) else str(v)
+
+    if value is None:
+        return None
+    try:
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if isinstance(action, argparse._AppendAction):
+            if not isinstance(value, list):
+                raise ValueError(value)
+            return [parse(as_text(v)) for v in value]
+        return parse(as_text(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        raise ValueError(f"{png}: its {action.dest} ({str(value)[:40]!r}) is not a value {flag} takes") from None
 
 
 def _command_parser(command: str) -> argparse.ArgumentParser:

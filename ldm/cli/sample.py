@@ -41,7 +41,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             samples = denoise(pipe, records, args.steps, trajectory_path(args), preview_files(args, pipe, args.steps))
     else:
         samples = pipe(args.n, batch_size=args.batch_size, output="tensor", **options)
-    recorded = settings(args, pipe, sampler=args.sampler, steps=args.steps)
+    recorded = settings(args, sampler=args.sampler, steps=args.steps)
     save_png(grid_image(samples, nrow=args.nrow, scale=args.scale), out, recorded)
     print(f"wrote {out}")
     if args.npy:
