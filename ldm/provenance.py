@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .checkpoint import atomic_write
+from .checkpoint import CheckpointError, atomic_write
 from .samplers import ALIASES, resolve_sampler
 
 # A settings chunk larger than this is not one ldm or a UI wrote: refuse it rather than parse it.
@@ -72,7 +72,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
     try:
         atomic_write(cache_file, lambda f: f.write(json.dumps(cache, indent=0).encode()))
-    except Exception:  # a read-only home still gets its hash, only not cached
+    except (OSError, CheckpointError):  # a read-only home still gets its hash, only not cached
         pass
     return cache[key]["sha256"]
 
@@ -203,7 +203,7 @@ def read_settings(path: str | os.PathLike) -> dict[str, Any]:
         with Image.open(path) as image:
             image.load()
             chunks = dict(getattr(image, "text", {}) or {})
-    except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some broken PNG chunks
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: SyntaxError for broken chunks, ValueError for text bombs
         raise MetadataError(f"{path}: not a readable image ({e})") from None
     for name in ("ldm", "parameters"):
         text = chunks.get(name)

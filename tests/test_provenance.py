@@ -113,6 +113,11 @@ def test_bad_metadata_is_refused_with_one_clear_message(tmp_path):
     (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(MetadataError, match="not a readable image"):
         read_settings(tmp_path / "cut.png")
+    bomb = PngImagePlugin.PngInfo()  # 20 kB on disk, 20 MB of text once inflated
+    bomb.add_itxt("parameters", "a" * (20 << 20), zip=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "bomb.png", pnginfo=bomb)
+    with pytest.raises(MetadataError, match="Decompressed data too large"):
+        read_settings(tmp_path / "bomb.png")
     # latin-1 bytes in a tEXt chunk (not UTF-8) read as text, as PNG defines tEXt
     raw = png_with(tmp_path, parameters="caf\xe9 au lait\nSteps: 2, Sampler: Euler, Seed: 5")
     assert read_settings(raw)["prompt"] == "café au lait"
