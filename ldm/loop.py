@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, atomic_save, atomic_save_json, load_weights, safe_load
 from .config import from_dict, to_dict
+from .cpu import describe, native_bf16
 from .data import ImageDataset
 from .ema import EMA
 from .gradient_checkpointing import set_gradient_checkpointing
@@ -71,10 +72,7 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> str:
         return mixed_precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-    except (AttributeError, RuntimeError):
-        return "no"
+    return "bf16" if native_bf16() else "no"
 
 
 def with_fields(config: Any, **changes) -> Any:
@@ -291,6 +289,8 @@ class TrainLoop:
         first_step, saved_step, last_save = self.step, None, start
         stop = {"signal": None}
         restore = self._install_signal_handlers(stop)
+        if self.progress:
+            print(describe(self.device, c.mixed_precision, self.precision))
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         try:
             while (c.steps is None or self.step < c.steps) and not self.should_stop(deadline, stop):
