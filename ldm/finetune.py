@@ -86,6 +86,7 @@ class FinetuneConfig:
     init_word: str | None = None  # … its vectors start as this word's (SD; default "*") or class's (toy; default: mean)
     vectors: int = 1  # … and how many tokens it stands for
     min_snr_gamma: float | None = None
+    caption_dropout: float = 0.0  # this share of captions trained as "": the unconditional model guidance needs
     grad_accum: int = 1
     diffusers_format: bool = False  # also write pytorch_lora_weights.safetensors
     sample_prompt: str | None = None  # default: the first caption
@@ -103,6 +104,8 @@ class FinetuneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if self.prior_weight < 0:
             raise ValueError(f"--prior-weight must be ≥ 0, got {self.prior_weight}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if self.class_caption is not None and self.class_data is None:
             raise ValueError("--class-caption goes with --class-data (the class images it describes)")
 
@@ -336,10 +339,16 @@ class Finetuner(TrainLoop):
         if not self.sd:
             labels = None if part.labels is None else part.labels[index].to(self.device)
             return x0.to(self.device), Conditioning(labels=labels)
-        if part.context is not None:
+        captions = [part.captions[i] for i in index.tolist()]
+        if self.config.caption_dropout:  # classifier-free guidance's ∅ [Ho & Salimans 2022, Alg. 1]
+            dropped = torch.rand(len(captions), generator=self.generator) < self.config.caption_dropout
+            captions = ["" if drop else text for drop, text in zip(dropped.tolist(), captions)]
+            context, pooled = self.encode_text(captions) if part.context is None or dropped.any() else \
+                (part.context[index], None if part.pooled is None else part.pooled[index])
+        elif part.context is not None:
             context, pooled = part.context[index], None if part.pooled is None else part.pooled[index]
         else:
-            context, pooled = self.encode_text([part.captions[i] for i in index.tolist()])
+            context, pooled = self.encode_text(captions)
         size_ids = None
         if self.pipe.unet.config.added_cond_dim:  # SDXL's micro-conditioning: original size, crop (0, 0), target size
             size_ids = torch.tensor([[self.config.resolution] * 2 + [0, 0] + [self.config.resolution] * 2],

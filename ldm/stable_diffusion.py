@@ -182,7 +182,9 @@ class StableDiffusion(Adaptable, Pipeline):
 
     def preview_options(self) -> dict:
         """Latents preview through the family's published linear factors, its TAESD, or the VAE itself."""
-        return dict(factor=self.vae.config.downsample_factor, family=self.config.family, full=self.vae_decode)
+        # published factors and TAESDs exist for SD's 4-channel latents; a toy text-to-image model's preview is its VAE
+        family = self.config.family if self.vae.config.latent_channels == 4 else None
+        return dict(factor=self.vae.config.downsample_factor, family=family, full=self.vae_decode)
 
     # --- text → context ----------------------------------------------------------------------
     @torch.inference_mode()

@@ -104,7 +104,7 @@ def add_training(sub, name: str, presets, help_: str, epilog: str) -> argparse.A
 # --- ldm finetune ---------------------------------------------------------------------------------------------
 FINETUNE_FIELDS = ("data", "method", "caption", "class_data", "class_caption", "prior_weight", "limit", "resolution",
                    "rank", "alpha", "targets", "train_text_encoder", "token", "init_word", "vectors", "min_snr_gamma",
-                   "grad_accum", "diffusers_format", "sample_prompt", "sample_n", "sample_steps", "sample_every_minutes")
+                   "caption_dropout", "grad_accum", "diffusers_format", "sample_prompt", "sample_n", "sample_steps", "sample_every_minutes")
 
 
 FINETUNE_LOOP_FIELDS = ("steps", "max_minutes", "lr", "batch_size", "mixed_precision", "ema_decay", "seed",
@@ -132,7 +132,8 @@ def add_finetune_command(sub) -> None:
                               "all) or mnist-bundled:D (the bundled MNIST test set's digit D). An OUT that already holds "
                               "a run is refused unless you add --resume or --overwrite.")
     add_model(f, "the base: SD single file or diffusers folder, or an `ldm train` run directory")
-    f.add_argument("--data", required=True, help="folder of images (+ .txt captions), or mnist-bundled:D")
+    f.add_argument("--data", required=True, help="folder of images (+ .txt captions), mnist-bundled:D, or mnist-text (every "
+                   "digit, captioned by its looks)")
     f.add_argument("--method", choices=("lora", "textual-inversion", "full"), default="lora")
     f.add_argument("--out", required=True, help="run directory (checkpoint, outputs, sample grids)")
     f.add_argument("--steps", type=number(int, 1), help="stop at this many optimizer steps (total, counting resumed ones)")
@@ -151,6 +152,8 @@ def add_finetune_command(sub) -> None:
     f.add_argument("--targets", choices=("attention", "transformer", "attention+conv"),
                    help="layers LoRA adapts (default: attention for SD, attention+conv for toy runs)")
     f.add_argument("--train-text-encoder", action="store_true", help="SD: also train the text encoder(s)")
+    f.add_argument("--caption-dropout", type=float, default=0.0, help="SD: train this share of captions as the empty "
+                   "prompt, the unconditional model classifier-free guidance needs (e.g. 0.1 when training from scratch)")
     f.add_argument("--token", default="<sks>", help="textual inversion: the new word")
     f.add_argument("--init-word", help="textual inversion: start from this word's embedding (toy runs: a class label)")
     f.add_argument("--vectors", type=number(int, 1), default=1, help="textual inversion: vectors per token")

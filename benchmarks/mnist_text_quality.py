@@ -1,0 +1,83 @@
+"""How well a tiny text-to-image model (``ldm.mnist_text``) draws what its prompts say.
+
+    python benchmarks/mnist_text_quality.py RUN/model [--n 1000] [--guidance 3] [--steps 25]
+
+Digits: n samples of prompts naming each digit equally often ("a seven", "the digit 7", …), scored by ldm's digit
+classifier (``ldm.metrics.evaluate_digits``: label accuracy, confident share, Fréchet distance to real digits).
+Attributes: for every digit and every attribute pair (thick / thin, slanted right / left, large / small, on the right
+/ on the left), the same seeds drawn with each side's prompt; a pair counts when the attribute measured on the
+samples (``ldm.data.digits.measure_digits``, mean over the seeds) moves the way the words say. Prints the CPU line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import machine_info  # noqa: E402
+
+PAIRS = {"thickness": ("thick", "thin"), "slant": ("slanted right", "slanted left"), "size": ("large", "small"),
+         "x": ("on the right", "on the left")}
+
+
+def draw(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int) -> torch.Tensor:
+    """One image per (prompt, seed), as digits (N, 1, 28, 28) in [−1, 1] and as drawn (for measuring)."""
+    out = []
+    for i in range(0, len(prompts), 50):
+        batch = prompts[i:i + 50]
+        out.append(pipe(batch, seeds=seeds[i:i + 50], guidance_scale=guidance, num_inference_steps=steps,
+                        output="tensor", progress=False).float().cpu())
+    return torch.cat(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--pairs-seeds", type=int, default=8, help="seeds per prompt in each attribute pair")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args(argv)
+    import ldm
+    from ldm.data.digits import NUMBER_WORDS, measure_digits
+    from ldm.metrics import evaluate_digits
+
+    info = machine_info(torch.device("cpu"))
+    print(f"CPU: {info['cpu']}, {info['cores']} cores, capability {info['cpu_capability']}, native bf16 "
+          f"{info['cpu_bf16']}; torch {info['torch']}")
+    pipe = ldm.load_pipeline(args.model, device="cpu")
+    labels = torch.arange(args.n) % 10
+    prompts = [(f"a {NUMBER_WORDS[d]}", f"the digit {d}")[k % 2] for k, d in enumerate(labels.tolist())]
+    samples = draw(pipe, prompts, list(range(args.n)), args.guidance, args.steps)
+    digits = F.interpolate(samples, size=(28, 28), mode="bilinear", antialias=True)
+    print(f"\ndigits: {args.n} samples, guidance {args.guidance}, {args.steps} steps\n"
+          f"{evaluate_digits(digits.clamp(-1, 1), labels).summary()}")
+
+    moved, total = {name: 0 for name in PAIRS}, 0
+    seeds = list(range(10_000, 10_000 + args.pairs_seeds))
+    for d in range(10):
+        for name, (high, low) in PAIRS.items():
+            sides = []
+            for words in (high, low):
+                drawn = draw(pipe, [f"a {words} {NUMBER_WORDS[d]}" if name != "x" else f"a {NUMBER_WORDS[d]} {words}"]
+                             * len(seeds), seeds, args.guidance, args.steps)
+                u = ((drawn.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                sides.append(getattr(measure_digits(u), name).mean().item())
+            moved[name] += sides[0] > sides[1]
+        total += 1
+    print(f"\nattributes: the measured attribute moves the named way, of {total} digits per pair "
+          f"({args.pairs_seeds} seeds a side)")
+    for name, (high, low) in PAIRS.items():
+        print(f"  {high} vs {low}: {moved[name]}/{total}")
+    share = sum(moved.values()) / (total * len(PAIRS))
+    print(f"  all pairs: {share:.0%}")
+
+
+if __name__ == "__main__":
+    main()

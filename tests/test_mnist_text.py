@@ -1,0 +1,80 @@
+"""The tiny text-to-image model: built from Stable Diffusion's own classes, trained by full fine-tuning with caption
+dropout, written as an SD folder that the SD tools load."""
+
+from __future__ import annotations
+
+import pytest
+
+from ldm.cli import main
+from ldm.finetune import FinetuneConfig
+from ldm.loading import load_pipeline
+from ldm.mnist_text import build, train
+from ldm.stable_diffusion import StableDiffusion
+from ldm.text_encoder import TextEncoder
+from ldm.tokenizer import CLIPTokenizer
+from ldm.unet import UNet
+
+
+def vae(out, **changes):
+    """A small VAE run trained for 3 steps on 64 digits at 32²."""
+    from test_train_vae import TINY_VAE, tiny
+
+    from ldm.data import load_dataset
+    from ldm.train_vae import VAETrainer
+
+    data = load_dataset("mnist-bundled", image_size=32)
+    config = tiny(steps=3).with_(vae=TINY_VAE.with_(**changes), holdout=16)
+    VAETrainer(config, out, dataset=type(data)(data.images[:64], data.labels[:64], 10), progress=False).train()
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    return vae(tmp_path_factory.mktemp("vae"))
+
+
+@pytest.fixture(scope="module")
+def trained(vae_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("text")
+    tuner = train(vae_run, out, steps=3, max_minutes=None, batch_size=8, limit=64, progress=False)
+    return tuner, out
+
+
+def test_it_is_stable_diffusions_own_classes(vae_run):
+    pipe = build(vae_run)
+    assert isinstance(pipe, StableDiffusion)
+    assert type(pipe.tokenizer) is CLIPTokenizer and type(pipe.text_encoder) is TextEncoder
+    assert type(pipe.unet) is UNet and pipe.unet.config.context_dim == pipe.text_encoder.config.width
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 2 and pipe.config.size == 32
+    assert pipe.unet.config.sample_size == 32 // pipe.vae.config.downsample_factor
+
+
+def test_training_writes_an_sd_folder_the_sd_tools_load(trained, tmp_path):
+    tuner, out = trained
+    assert tuner.step == 3 and tuner.config.caption_dropout == 0.1 and tuner.config.train_text_encoder
+    pipe = load_pipeline(out / "model")
+    assert isinstance(pipe, StableDiffusion) and pipe.unet.config.context_dim == 128
+    records = list(pipe.loop("a thick seven", num_inference_steps=3))
+    assert records[-1].preview.shape == (1, 1, 32, 32)  # a 2-channel latent space previews through its own VAE
+    main(["txt2img", str(out / "model"), "--prompt", "a thin 1 on the left", "--steps", "2", "--out",
+          str(tmp_path / "one.png")])
+    assert (tmp_path / "one.png").is_file()
+
+
+def test_caption_dropout_trains_that_share_as_the_empty_prompt(trained, monkeypatch):
+    tuner, _ = trained
+    seen = []
+    original = tuner.encode_text
+    monkeypatch.setattr(tuner, "encode_text", lambda captions: seen.extend(captions) or original(captions))
+    for position in range(20):
+        tuner.draw(tuner.data, position, 0)
+    share = seen.count("") / len(seen)
+    assert len(seen) == 160 and 0.03 < share < 0.2, share
+    with pytest.raises(ValueError, match="--caption-dropout must be in"):
+        FinetuneConfig(checkpoint="x", data="mnist-text", caption_dropout=1.0)
+
+
+def test_a_vae_of_another_latent_shape_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="4 latent channels; this model reads 2"):
+        build(vae(tmp_path / "vae4", latent_channels=4))
+
