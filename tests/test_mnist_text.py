@@ -78,3 +78,10 @@ def test_a_vae_of_another_latent_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match="4 latent channels; this model reads 2"):
         build(vae(tmp_path / "vae4", latent_channels=4))
 
+
+def test_the_train_command_names_what_the_preset_needs(vae_run, tmp_path, capsys):
+    for extra, message in (([], "give --vae VAE_RUN"), (["--vae", str(vae_run), "--lr", "1e-3"], "--lr 1e-3 is not for it"),
+                           (["--vae", str(vae_run)], "give a budget")):
+        with pytest.raises(SystemExit):
+            main(["train", "--preset", "mnist-text", "--out", str(tmp_path / "run"), *extra])
+        assert message in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ldm"
-TRAINING = {"ldm.loop", "ldm.train", "ldm.train_vae", "ldm.finetune"}
+TRAINING = {"ldm.loop", "ldm.train", "ldm.train_vae", "ldm.finetune", "ldm.mnist_text"}
 # composition roots: the package's export list, and the command line's parser and training commands, which dispatch
 # training; the inference commands (ldm.cli.sample, .generate, .checkpoints, .common) are checked like any module
 ROOTS = {"ldm", "ldm.cli", "ldm.cli.train"}

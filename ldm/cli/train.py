@@ -15,6 +15,8 @@ from ..train import PRESETS, train_diffusion
 from ..train_vae import VAE_PRESETS, train_vae
 from .common import add_model, model_path, number
 
+TEXT_PRESET = "mnist-text"  # the tiny text-to-image model: ldm.mnist_text, not a TrainConfig
+
 
 def override_config(config, pairs: list[str]):
     """Apply ``--field value`` pairs to a config: its own fields, or fields of its nested configs as
@@ -69,10 +71,31 @@ def run_summary(trainer, command: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    if args.preset == TEXT_PRESET:
+        return cmd_train_text(args, extra)
     config = run_config(PRESETS[args.preset], args, extra, vae=args.vae, class_conditional=args.class_conditional or None)
     trainer = train_diffusion(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     if trainer.rank == 0:
         print(run_summary(trainer, "trained"))
+
+
+def cmd_train_text(args: argparse.Namespace, extra: list[str]) -> None:
+    """The tiny text-to-image model (``ldm.mnist_text``): Stable Diffusion's classes on a train-vae run's latents."""
+    from ..mnist_text import train
+
+    if not args.vae:
+        raise ValueError("--preset mnist-text draws in a VAE's latents: give --vae VAE_RUN (ldm train-vae --preset mnist)")
+    if extra or args.dataset or args.class_conditional:
+        given = " ".join(extra) or ("--dataset" if args.dataset else "--class-conditional")
+        raise ValueError(f"--preset mnist-text takes its data (mnist-text captions) and settings as they are; "
+                         f"{given} is not for it")
+    if args.steps is None and args.max_minutes is None:
+        raise ValueError("give a budget: --steps N and/or --max-minutes M")
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    tuner = train(args.vae, args.out, steps=args.steps, max_minutes=args.max_minutes, resume=args.resume,
+                  overwrite=args.overwrite)
+    print(f"trained to step {tuner.step}; the model is {Path(args.out) / 'model'} (a Stable Diffusion folder: "
+          f"ldm txt2img {Path(args.out) / 'model'} --prompt \"a thick seven\")")
 
 
 def cmd_train_vae(args: argparse.Namespace, extra: list[str]) -> None:
@@ -176,7 +199,7 @@ def add_finetune_command(sub) -> None:
 
 
 def add_training_commands(sub) -> None:
-    t = add_training(sub, "train", PRESETS, "train a pixel-space or latent diffusion model",
+    t = add_training(sub, "train", {**PRESETS, TEXT_PRESET: None}, "train a pixel-space or latent diffusion model",
                      "Any config field can be set as --field value (e.g. --lr 5e-4, --unet.channels 64, "
                      "--schedule.kind linear, --prediction v, --mixed-precision bf16).")
     t.add_argument("--class-conditional", action="store_true", help="condition on labels (with label dropout for CFG)")
