@@ -39,8 +39,7 @@ def build(vae_run: str | Path) -> StableDiffusion:
                          f"{UNET.in_channels} (train one with `ldm train-vae --preset mnist`)")
     unet = UNET.with_(sample_size=size // vae.config.downsample_factor)
     config = StableDiffusionConfig(unet=unet, vae=vae.config, text=TEXT, sampling=SamplingConfig.stable_diffusion(),
-                                   family="mnist-text", size=size, default_sampler="ddim", default_steps=50,
-                                   default_guidance=3.0)
+                                   family="mnist-text", size=size)
     return StableDiffusion(CLIPTokenizer.from_bundled(), TextEncoder(TEXT), UNet(unet), vae, config)
 
 
@@ -50,11 +49,12 @@ def train(vae_run: str | Path, out: str | Path, *, steps: int | None = None, max
     """Build the model into OUT/base, then train it on ``mnist-text`` into OUT (the model: OUT/model)."""
     out = Path(out)
     base = out / "base"
-    if not (base / "model_index.json").is_file():
+    if overwrite or not (base / "model_index.json").is_file():  # a resumed run keeps the base it started from
         save_diffusers_folder(build(vae_run), base)
     config = FinetuneConfig(checkpoint=str(base), data="mnist-text", method="full", train_text_encoder=True,
                             caption_dropout=0.1, limit=limit, sample_prompt="a thick seven", sample_n=8,
                             sample_steps=25,
                             loop=LoopConfig(steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
-                                            warmup_steps=100, ema_decay=0.999, sample_every=0, mixed_precision="auto"))
+                                            warmup_steps=100, ema_decay=0.999, sample_every=0,
+                                            mixed_precision="no"))  # bf16 autocast measured slower: 0.79 s/step vs 0.70
     return finetune(config, out, resume=resume, overwrite=overwrite, progress=progress)

@@ -117,7 +117,7 @@ class Studio:
             for record in records:
                 preview = self._picture(record.preview)
                 trajectory.append(_side_by_side(self._picture(self.previewer(record.x_t)), preview))
-                yield Frame(record.index + 1, request.steps if not self.is_sd else len(trajectory), preview)
+                yield Frame(record.index + 1, request.steps, preview)
             image = self._final(record.x_prev)
         png = self.out_dir / f"ldm-{request.seed}-{len(list(self.out_dir.glob('ldm-*.png')))}.png"
         save_png(image, png, self.settings(request))

@@ -48,7 +48,7 @@ def pixels(path) -> np.ndarray:
 # --- the logic --------------------------------------------------------------------------------------------------------
 def test_a_run_previews_every_step_and_its_png_is_made_again_by_the_cli(studio, tmp_path):
     frames = list(studio.run(Request(class_label=3, seed=5, sampler="DPM++ 2M Karras", steps=6, guidance=2.0)))
-    assert [f.step for f in frames[:-1]] == list(range(1, 7)) and frames[-1].png is not None
+    assert [(f.step, f.total) for f in frames[:-1]] == [(k, 6) for k in range(1, 7)] and frames[-1].png is not None
     trajectory = frames[-1].trajectory  # x_t beside x̂₀ (this 3-step model's x̂₀ is clipped flat; x_t is not)
     assert len(trajectory) == 6 and trajectory[0].width > 2 * frames[0].preview.width
     assert np.abs(np.asarray(trajectory[0], float) - np.asarray(trajectory[-1], float)).mean() > 5
