@@ -11,7 +11,8 @@ from PIL import Image
 
 from ..provenance import save_png
 from ..sampling import default_device
-from ..stable_diffusion import StableDiffusion, check_refiner
+from ..sd_stages import check_refiner
+from ..stable_diffusion import StableDiffusion
 from .common import (DTYPES, add_adapter_options, add_adapters, add_model, add_preview_options, add_sampling,
                      add_seeds, denoise, load, model_path, number, preview_files, trajectory_path)
 from .provenance import add_provenance_options, apply_from_png, settings
