@@ -36,9 +36,29 @@ KINDS = {"run": ("an `ldm train` run", {"ema", "vae"}), "ddpm-folder": ("a diffu
          "sd-file": ("a Stable Diffusion single file", {"ema", "config", "prediction", "preset"})}
 
 
-def checkpoint_kind(path: str | Path) -> str:
-    """"run", "ddpm-folder", "sd-folder" or "sd-file", from the files alone (nothing is loaded)."""
+def finetuned_model(path: str | Path) -> Path:
+    """The model a full fine-tuning run wrote (``ldm finetune --method full``, ``ldm train --preset mnist-text``):
+    RUN/model (a folder or an `ldm train` run) or RUN/model.safetensors; any other path as it is. A run is told by
+    its ``config.json`` (a ``FinetuneConfig`` with method "full"), not by the names alone: an ``ldm train`` run
+    directory may hold a file called model.safetensors too."""
     path = Path(path)
+    if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+        try:
+            config = read_json(path / "config.json")
+        except CheckpointError:
+            return path  # not a run ldm wrote: the loaders name what is wrong with it
+        if not (isinstance(config, dict) and config.get("method") == "full"):
+            return path
+        for product in (path / "model", path / "model.safetensors"):
+            if product.exists():
+                return product
+    return path
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """"run", "ddpm-folder", "sd-folder" or "sd-file", from the files alone (nothing is loaded); a fine-tuning
+    run's directory is the kind of the model it wrote (``finetuned_model``)."""
+    path = finetuned_model(path)
     if path.is_file():
         return "sd-file" if path.suffix in SINGLE_FILE_SUFFIXES else "run"
     if not path.is_dir():
@@ -61,7 +81,8 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
                   ema: bool = True, vae: str | Path | None = None, variant: str | None = None,
                   config: StableDiffusionConfig | None = None, prediction: str | None = None,
                   preset: str | None = None) -> Pipeline:
-    """Load any model ldm reads, ready to sample: a ``DiffusionPipeline`` or a ``StableDiffusion``.
+    """Load any model ldm reads, ready to sample: a ``DiffusionPipeline`` or a ``StableDiffusion``. A full
+    fine-tuning run's directory (``ldm train --preset mnist-text`` too) loads the model it wrote.
 
     ``device`` (default: CUDA when there is one) and ``dtype`` (default float32) place the weights (a Stable
     Diffusion VAE stays float32 under float16). The rest apply where they mean something, and are refused
@@ -82,7 +103,7 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
         raise ValueError(f"{path} is {what}: {refused} does not apply to it "
                          f"(it takes {', '.join(sorted(takes)) or 'no options'})")
     check_preset(preset)
-    device = device or default_device()
+    device, path = device or default_device(), finetuned_model(path)
     if kind == "run":
         pipe = _load_run(path, ema, vae, device)
     elif kind == "ddpm-folder":

@@ -258,6 +258,9 @@ def load_diffusers_folder(folder: str | Path, *, variant: str | None = None, pre
     first = (folder / "text_encoder").is_dir()
     text_cfg = text_encoder_config_from_transformers(read_json(folder / "text_encoder" / "config.json")) if first else None
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer") if first else None
+    if tokenizer is not None and tokenizer.max_length > text_cfg.max_length:
+        raise CheckpointError(f"{folder}: the tokenizer frames prompts as {tokenizer.max_length} tokens, but the "
+                              f"text encoder has positions for {text_cfg.max_length}")
     tokenizer_2, sdxl = None, {}
     if (folder / "text_encoder_2").is_dir():  # SDXL's pipeline reads both encoders' raw penultimate states
         penultimate = dict(output_layer=-2, final_norm_on_hidden=False)

@@ -28,7 +28,7 @@ from .samplers.common import Generators
 from .sampling import Output, Pipeline, SamplingConfig, generators
 from .schedule import NoiseSchedule
 from .sd_config import StableDiffusionConfig
-from .prompts import count_chunks, emphasize, prompt_tokens
+from .prompts import count_chunks, emphasize, parse_prompt, prompt_tokens
 from .text_encoder import TextEncoder, clip_skip_layer
 from .tokenizer import CLIPTokenizer
 from .unet import UNet
@@ -203,6 +203,12 @@ class StableDiffusion(StagedRuns, Adaptable, Pipeline):
         (``ldm.text_encoder.clip_skip_layer``: A1111's CLIP skip for SD 1, diffusers' clip_skip + 1 everywhere).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        # the words as the encoder will read them: weights and BREAKs are syntax, not words
+        texts = [" ".join(text for text, weight in parse_prompt(p) if weight >= 0) for p in prompts] \
+            if self.prompt_syntax else prompts
+        for tokenizer in (self.tokenizer, self.tokenizer_2):
+            if tokenizer is not None:
+                tokenizer.check_prompts(texts)
         chunks = max(chunks, self.chunk_count(prompts))
         with self._autocast():
             contexts, pooled = [], None

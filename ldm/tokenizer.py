@@ -105,6 +105,9 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
         self.pad, self.pad_id = pad, vocab[EOS] if pad == "eos" else 0
         self.max_length, self.vocab_size = max_length, len(vocab)
+        # The words of a model's training captions, for a model trained from scratch on a small language
+        # (``ldm.mnist_text``); None for CLIP's, which has read the web.
+        self.trained_words: frozenset[str] | None = None
         # Prompts repeat words endlessly; the special tokens are seeded so BPE never splits them.
         self._cache: dict[str, list[str]] = {BOS: [BOS], EOS: [EOS]}
         # add_token's units: cleaned text → the ids it stands for; id → the name it was added as
@@ -128,18 +131,19 @@ class CLIPTokenizer:
 
     @classmethod
     def from_files(cls, vocab_json: str | Path, merges_txt: str | Path,
-                   pad: Literal["eos", "zero"] = "eos") -> CLIPTokenizer:
+                   pad: Literal["eos", "zero"] = "eos", max_length: int = 77) -> CLIPTokenizer:
         """A Hugging Face `vocab.json` + `merges.txt` pair (as in a diffusers `tokenizer/` folder)."""
         vocab = json.loads(_read_bytes(vocab_json))
         lines = _read_bytes(merges_txt).decode("utf-8").split("\n")
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
-        return cls(vocab, [tuple(line.split()) for line in lines if line.strip()], pad=pad)
+        return cls(vocab, [tuple(line.split()) for line in lines if line.strip()], pad=pad, max_length=max_length)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> CLIPTokenizer:
         """A diffusers `tokenizer/` folder (or the pipeline folder holding one); the pad token comes from
-        `special_tokens_map.json` or `tokenizer_config.json` when present, else `<|endoftext|>`."""
+        `special_tokens_map.json` or `tokenizer_config.json` when present, else `<|endoftext|>`; the context length
+        from `tokenizer_config.json`'s `model_max_length`, else 77; the trained words from `trained_words.json`."""
         folder = Path(folder)
         if not (folder / "vocab.json").exists() and (folder / "tokenizer" / "vocab.json").exists():
             folder = folder / "tokenizer"
@@ -153,12 +157,24 @@ class CLIPTokenizer:
         pad = {EOS: "eos", "!": "zero"}.get(pad_token)
         if pad is None:
             raise ValueError(f"{folder}: pad token {pad_token!r} is neither {EOS!r} nor '!' (id 0)")
+        max_length = 77
+        if (folder / "tokenizer_config.json").is_file():
+            value = json.loads((folder / "tokenizer_config.json").read_text("utf-8")).get("model_max_length", 77)
+            # transformers writes int(1e30) for "no limit"; CLIP's position table still stops at 77
+            max_length = value if isinstance(value, int) and value < 10**6 else 77
+            if max_length < 3:
+                raise ValueError(f"{folder}: model_max_length {max_length} leaves no room for a word between "
+                                 "the start and end tokens")
         if not (folder / "vocab.json").exists() and (folder / "tokenizer.json").exists():
             # transformers 5 saves only the fast tokenizer's file: the same BPE vocabulary and merges, as JSON
             model = json.loads(_read_bytes(folder / "tokenizer.json"))["model"]
             merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-            return cls(model["vocab"], merges, pad=pad)
-        return cls.from_files(folder / "vocab.json", folder / "merges.txt", pad=pad)
+            tokenizer = cls(model["vocab"], merges, pad=pad, max_length=max_length)
+        else:
+            tokenizer = cls.from_files(folder / "vocab.json", folder / "merges.txt", pad=pad, max_length=max_length)
+        if (folder / "trained_words.json").is_file():
+            tokenizer.trained_words = frozenset(json.loads((folder / "trained_words.json").read_text("utf-8")))
+        return tokenizer
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a `tokenizer/` folder that `from_pretrained` and transformers' `CLIPTokenizer` both read."""
@@ -172,7 +188,31 @@ class CLIPTokenizer:
         (folder / "special_tokens_map.json").write_text(json.dumps(special), "utf-8")
         config = special | {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length}
         (folder / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
+        if self.trained_words is not None:
+            (folder / "trained_words.json").write_text(json.dumps(sorted(self.trained_words)), "utf-8")
         return folder
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        """The words of a text as the pre-tokenizer cuts them, punctuation left out: what ``trained_words`` holds."""
+        return [word for word in pre_tokenize(clean_text(text)) if any(c.isalnum() for c in word)]
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Warn about what a model trained from scratch on short captions (``trained_words`` set) cannot read: words
+        its captions never held (their rows of the token table are still random: noise to the model) and prompts
+        longer than its context, which it has only ever seen as one chunk. SD's tokenizers check nothing."""
+        if self.trained_words is None:
+            return
+        for prompt in prompts:
+            words = self.words(prompt)
+            if unknown := [w for w in dict.fromkeys(words) if w not in self.trained_words]:
+                what = "none of its words" if len(unknown) == len(words) else f"the words {', '.join(unknown)} never"
+                warnings.warn(f"prompt {prompt!r}: {what} appeared in this model's training captions, so it reads "
+                              f"them as noise (it knows: {', '.join(sorted(self.trained_words))})", stacklevel=3)
+            if (count := len(self.encode(prompt))) > self.max_length - 2:
+                warnings.warn(f"prompt {prompt!r} is {count} tokens; this model was trained on prompts of at most "
+                              f"{self.max_length - 2}, and reads the rest as further chunks it never saw in "
+                              "training", stacklevel=3)
 
     def bpe(self, word: str) -> list[str]:
         """Merge a byte-mapped word's symbols, best-ranked pair first, until no known pair is left."""

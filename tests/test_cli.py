@@ -119,6 +119,9 @@ def test_errors_are_clear(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", str(run_dir), "--steps", "5000", "--out", str(tmp_path / "x.png")])
     assert "num_inference_steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(run_dir), "--prompt", "a 3", "--out", str(tmp_path / "x.png")])
+    assert "is not a text-to-image model (it takes --class)" in capsys.readouterr().err
     bad = tmp_path / "broken.pt"
     bad.write_bytes((run_dir / "checkpoint.pt").read_bytes()[:1000])
     with pytest.raises(SystemExit):

@@ -6,7 +6,7 @@ import pytest
 
 from ldm import load_pipeline
 from ldm.checkpoint import CheckpointError
-from ldm.loading import checkpoint_kind
+from ldm.loading import checkpoint_kind, finetuned_model
 
 
 def folder_with_index(path, class_name):
@@ -26,6 +26,15 @@ def test_kinds_are_told_apart_from_the_files(tmp_path):
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     assert checkpoint_kind(tmp_path / "bare") == "ddpm-folder"
+    # a full fine-tuning run (ldm finetune --method full, ldm train --preset mnist-text) is the model it wrote
+    run = tmp_path / "tuned"
+    run.mkdir()
+    folder_with_index(run / "model", "StableDiffusionPipeline")
+    (run / "checkpoint.pt").write_bytes(b"")
+    (run / "config.json").write_text(json.dumps({"method": "full", "checkpoint": "base"}))
+    assert checkpoint_kind(run) == "sd-folder" and finetuned_model(run) == run / "model"
+    (run / "config.json").write_text(json.dumps({"method": "lora", "checkpoint": "base"}))
+    assert finetuned_model(run) == run  # a LoRA run's product is no model: loading it as one would be wrong
 
 
 def test_unknown_and_missing_checkpoints_are_named(tmp_path):

@@ -187,6 +187,16 @@ def test_real_digits_score_well_and_noise_badly(shipped, held_out):
     assert max(black.class_counts) == 1000 and black.class_entropy == pytest.approx(0.0)
 
 
+def test_the_frechet_reference_can_be_the_training_data(shipped, held_out):
+    x, y = held_out
+    moved = torch.roll(x, 4, dims=3)  # digits moved 4 px right: what a model trained on moved digits should draw
+    to_real = evaluate_digits(moved, classifier=shipped).frechet_distance
+    to_moved = evaluate_digits(moved, classifier=shipped, reference=torch.roll(x.flip(0), 4, dims=3)).frechet_distance
+    assert to_moved < to_real / 10, (to_moved, to_real)
+    with pytest.raises(ValueError, match=r"reference must be a float tensor \(M, 1, 28, 28\)"):
+        evaluate_digits(x, classifier=shipped, reference=x[:, :, :14])
+
+
 def test_shuffled_labels_score_chance(shipped, held_out):
     x, y = held_out
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]

@@ -85,3 +85,31 @@ def test_the_train_command_names_what_the_preset_needs(vae_run, tmp_path, capsys
         with pytest.raises(SystemExit):
             main(["train", "--preset", "mnist-text", "--out", str(tmp_path / "run"), *extra])
         assert message in capsys.readouterr().err
+
+
+def test_the_run_samples_from_a_prompt_and_keeps_its_vocabulary(trained, tmp_path, capsys):
+    _, out = trained
+    pipe = load_pipeline(out)  # the run's directory: the model it wrote
+    assert isinstance(pipe, StableDiffusion) and pipe.tokenizer.max_length == pipe.text_encoder.config.max_length == 24
+    assert {"thick", "seven", "7", "left"} <= pipe.tokenizer.trained_words and "cat" not in pipe.tokenizer.trained_words
+    main(["sample", str(out), "--prompt", "a thick 3", "--guidance", "3", "--n", "3", "--steps", "2", "--out",
+          str(tmp_path / "grid.png")])
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.width > 3 * 32 and "a thick 3" in grid.text["parameters"]
+    with pytest.raises(SystemExit):
+        main(["sample", str(out), "--class", "3", "--steps", "2", "--out", str(tmp_path / "x.png")])
+    assert "give --prompt, not --class" in capsys.readouterr().err
+
+
+def test_unknown_words_and_long_prompts_are_warned_and_still_drawn(trained):
+    pipe = load_pipeline(trained[1])
+    with pytest.warns(UserWarning, match="none of its words appeared in this model's training captions"):
+        x = pipe("purple cat", num_inference_steps=2, output="tensor", progress=False)
+    assert x.shape == (1, 1, 32, 32)
+    with pytest.warns(UserWarning, match=r"the words hat never appeared"):
+        pipe("a seven hat", num_inference_steps=2, output="tensor", progress=False)
+    long = " ".join(["a thick seven on the left"] * 4)
+    with pytest.warns(UserWarning, match="is 24 tokens; this model was trained on prompts of at most 22"):
+        pipe(long, num_inference_steps=2, output="tensor", progress=False)

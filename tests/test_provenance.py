@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.cli import main

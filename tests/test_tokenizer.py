@@ -129,6 +129,34 @@ def test_from_pretrained_reads_pad_token(hf_files, tmp_path):
         CLIPTokenizer.from_pretrained(folder)
 
 
+def test_a_trained_tokenizer_round_trips_its_context_and_words(tok, tmp_path):
+    tok = CLIPTokenizer.from_bundled()
+    tok.max_length, tok.trained_words = 24, frozenset({"a", "thick", "seven", "7"})
+    loaded = CLIPTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "tokenizer"))
+    assert loaded.max_length == 24 and loaded.trained_words == tok.trained_words
+    assert loaded("a thick seven").shape == (1, 24)
+    assert CLIPTokenizer.from_pretrained(CLIPTokenizer.from_bundled().save_pretrained(tmp_path / "sd")).trained_words is None
+    config = json.loads((tmp_path / "sd" / "tokenizer_config.json").read_text())
+    (tmp_path / "sd" / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": int(1e30)}))
+    assert CLIPTokenizer.from_pretrained(tmp_path / "sd").max_length == 77  # transformers' "no limit"
+
+
+def test_prompt_checks_name_unknown_words_and_overlong_prompts():
+    tok = CLIPTokenizer.from_bundled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok.check_prompts(["a purple elephant " * 30])  # CLIP's own tokenizer knows every word
+        tok.max_length, tok.trained_words = 12, frozenset({"a", "thick", "seven", "7"})
+        tok.check_prompts(["A thick, seven!", "thick-7", ""])  # case, punctuation: known
+    assert tok.words("a Thick-7, ok") == ["a", "thick", "7", "ok"]
+    with pytest.warns(UserWarning, match=r"'purple elephant': none of its words appeared .*\(it knows: 7, a, seven, thick\)"):
+        tok.check_prompts(["purple elephant"])
+    with pytest.warns(UserWarning, match=r"'a thick purple elephant': the words purple, elephant never appeared"):
+        tok.check_prompts(["a thick purple elephant"])
+    with pytest.warns(UserWarning, match=r"is 11 tokens; this model was trained on prompts of at most 10"):
+        tok.check_prompts(["a thick seven " + "7 " * 8])
+
+
 def test_zero_padding():
     tok = CLIPTokenizer.from_bundled(pad="zero")
     ids = tok.encode("a photo of a cat")

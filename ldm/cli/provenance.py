@@ -19,7 +19,7 @@ RECORDED = {
     "txt2img": (*_SD, "width", "height", "hires_scale", "hires_strength", "refiner", "refine_from"),
     "img2img": (*_SD, "image", "strength"),
     "inpaint": (*_SD, "image", "mask"),
-    "sample": ("sampler", "sigmas", "steps", "seed", "seeds", "n", "class_label", "guidance_scale", "eta", "raw_weights",
+    "sample": ("prompt", "negative_prompt", "sampler", "sigmas", "steps", "seed", "seeds", "n", "class_label", "guidance_scale", "eta", "raw_weights",
                "lora", "embedding", "nrow", "scale"),
 }
 # What a UI's parameters text can set (``parse_infotext``'s keys) for each command that reads one.

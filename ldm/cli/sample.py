@@ -10,9 +10,9 @@ import torch
 
 from ..images import grid_image
 from ..metrics import evaluate_digits, load_samples_npy
-from ..pipeline import DiffusionPipeline
 from ..provenance import save_png
 from ..samplers import resolve_sampler
+from ..stable_diffusion import StableDiffusion
 from .common import (add_adapter_options, add_adapters, add_model, add_preview_options, add_sampling, add_seeds,
                      denoise, load, model_path, number, preview_files, trajectory_path)
 from .provenance import add_provenance_options, apply_from_png, settings
@@ -21,26 +21,35 @@ from .provenance import add_provenance_options, apply_from_png, settings
 def cmd_sample(args: argparse.Namespace) -> None:
     apply_from_png(args)
     pipe = load(args)
-    if not isinstance(pipe, DiffusionPipeline):
-        raise ValueError(f"{model_path(args)} is a Stable Diffusion checkpoint: use `ldm txt2img`")
     add_adapters(pipe, args)
     args.n = len(args.seeds) if args.seeds else args.n
-    class_label, num_classes = args.class_label, pipe.unet.config.num_classes
-    if class_label is None and num_classes:  # a class-conditional model: one column per class
-        class_label = torch.arange(args.n) % num_classes
-        args.nrow = args.nrow or num_classes
     # the rest (spacing, clipping, DDPM variance) comes from the model
     options = dict(sampler=args.sampler, sigmas=args.sigmas, num_inference_steps=args.steps, seed=args.seed,
-                   seeds=args.seeds, class_label=class_label, guidance_scale=args.guidance_scale)
+                   seeds=args.seeds, guidance_scale=args.guidance_scale)
     if resolve_sampler(args.sampler)[0] == "ddim":
         options["eta"] = args.eta
+    if isinstance(pipe, StableDiffusion):  # a text-to-image model (e.g. `ldm train --preset mnist-text`): one grid
+        if args.prompt is None or args.class_label is not None:
+            raise ValueError(f"{model_path(args)} is a text-to-image model: give --prompt, not --class (`ldm txt2img` "
+                             "writes one image per file, with Stable Diffusion's options)")
+        first, options = args.prompt, options | dict(negative_prompt=args.negative_prompt, num_images_per_prompt=args.n)
+    else:
+        if args.prompt is not None or args.negative_prompt is not None:
+            raise ValueError(f"--prompt: {model_path(args)} is not a text-to-image model"
+                             + (" (it takes --class)" if pipe.unet.config.num_classes else ""))
+        class_label, num_classes = args.class_label, pipe.unet.config.num_classes
+        if class_label is None and num_classes:  # a class-conditional model: one column per class
+            class_label = torch.arange(args.n) % num_classes
+            args.nrow = args.nrow or num_classes
+        first, options = args.n, options | dict(class_label=class_label, batch_size=args.batch_size)
     out = Path(args.out)
     if args.trajectory or args.preview:
-        records = pipe.loop(args.n, preview=args.preview or "auto", **options)
+        options.pop("batch_size", None)
+        records = pipe.loop(first, preview=args.preview or "auto", **options)
         with torch.inference_mode():
             samples = denoise(pipe, records, args.steps, trajectory_path(args), preview_files(args, pipe, args.steps))
     else:
-        samples = pipe(args.n, batch_size=args.batch_size, output="tensor", **options)
+        samples = pipe(first, output="tensor", **options)
     recorded = settings(args, sampler=args.sampler, steps=args.steps)
     save_png(grid_image(samples, nrow=args.nrow, scale=args.scale), out, recorded)
     print(f"wrote {out}")
@@ -66,7 +75,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def add_sample_commands(sub) -> None:
-    s = sub.add_parser("sample", help="sample from a trained run or a diffusers DDPM/DDIM folder",
+    s = sub.add_parser("sample", help="sample a grid from a trained run (a text-to-image one with --prompt) or a "
+                       "diffusers DDPM/DDIM folder",
                        epilog="A diffusers folder (e.g. google/ddpm-cifar10-32 or google/ddpm-church-256, downloaded) is "
                               "sampled with its scheduler's settings: x0 clipping, DDPM variance, timestep spacing.")
     add_model(s, "run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
@@ -78,6 +88,9 @@ def add_sample_commands(sub) -> None:
                    help="samples per UNet batch (lower it to save memory: a 256×256 DDPM model needs about 0.3 GB per sample)")
     s.add_argument("--class", dest="class_label", type=int,
                    help="class label for a class-conditional model (default: every class in turn, a column each)")
+    s.add_argument("--prompt", help="what to draw, for a text-to-image model (`ldm train --preset mnist-text`, "
+                   "or any Stable Diffusion checkpoint): N images of it in one grid")
+    s.add_argument("--negative-prompt", help="with --prompt: what to guide away from (default: the empty prompt)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--npy", help="also save samples as an N×C×H×W float32 array in [0, 1]")
     s.add_argument("--trajectory", action="store_true", help="also write OUT_trajectory.png and .gif (x_t | predicted x0)")
