@@ -2,10 +2,11 @@
 
     python benchmarks/mnist_text_quality.py RUN/model [--n 1000] [--guidance 3] [--steps 25]
 
-Digits: n samples of prompts naming each digit equally often ("a seven", "the digit 7", …), scored by ldm's digit
-classifier (``ldm.metrics.evaluate_digits``: label accuracy, confident share, Fréchet distance to the digits the model
-trained on — 4 in 5 moved 3 or 4 px sideways for the position words, so real MNIST, centred, is not what it learned to
-draw: those moved digits are themselves at a Fréchet distance of about 136 from it — and, for reference, to real MNIST).
+Digits: n samples, one for each of n training captions (100 per digit, seeded: "a thick 7 on the left", "the digit 3",
+…) — as text-to-image models are scored on their dataset's captions — read by ldm's digit classifier
+(``ldm.metrics.evaluate_digits``): how often the named digit, and the Fréchet distance to the 10,000 captioned
+training digits, the distribution these captions come from. (Real MNIST, centred, is no reference here: 4 in 5 training
+digits are moved 3 or 4 px sideways, and their captions say so; the distance to it is printed too.)
 Attributes: for every digit and every attribute pair (thick / thin, slanted right / left, large / small, on the right
 / on the left), the same seeds drawn with each side's prompt; a pair counts when the attribute measured on the
 samples (``ldm.data.digits.measure_digits``, mean over the seeds) moves the way the words say. Prints the CPU line.
@@ -56,17 +57,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {info['cpu']}, {info['cores']} cores, capability {info['cpu_capability']}, native bf16 "
           f"{info['cpu_bf16']}; torch {info['torch']}")
     pipe = ldm.load_pipeline(args.model, device="cpu")
-    labels = torch.arange(args.n) % 10
-    prompts = [(f"a {NUMBER_WORDS[d]}", f"the digit {d}")[k % 2] for k, d in enumerate(labels.tolist())]
+    data = captioned_mnist(resolution=pipe.config.size)
+    g = torch.Generator().manual_seed(0)
+    picked = torch.cat([(data.labels == d).nonzero().flatten()[torch.randperm(int((data.labels == d).sum()), generator=g)]
+                        [: -(-args.n // 10)] for d in range(10)])[torch.randperm(10 * -(-args.n // 10), generator=g)][: args.n]
+    labels, prompts = data.labels[picked], [data.captions[i] for i in picked.tolist()]
     samples = draw(pipe, prompts, list(range(args.n)), args.guidance, args.steps)
     def as_digits(x: torch.Tensor) -> torch.Tensor:  # 32² samples → the classifier's 28² (as `ldm evaluate` does)
         return F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True).clamp(-1, 1)
 
-    trained_on = as_digits(captioned_mnist(resolution=samples.shape[-1]).images.float() / 127.5 - 1)
+    trained_on = as_digits(data.images.float() / 127.5 - 1)
     report = replace(evaluate_digits(as_digits(samples), labels, reference=trained_on),
                      frechet_reference=f"the {len(trained_on):,} moved training digits")
     to_real = evaluate_digits(as_digits(samples)).frechet_distance
-    print(f"\ndigits: {args.n} samples, guidance {args.guidance}, {args.steps} steps\n{report.summary()}\n"
+    print(f"\ndigits: {args.n} samples of training captions (e.g. {prompts[0]!r}), guidance {args.guidance}, {args.steps} steps\n{report.summary()}\n"
           f"  (to real MNIST: {to_real:.1f}, where the training digits themselves are at "
           f"{evaluate_digits(trained_on).frechet_distance:.1f})")
 

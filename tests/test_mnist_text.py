@@ -8,7 +8,7 @@ import pytest
 from ldm.cli import main
 from ldm.finetune import FinetuneConfig
 from ldm.loading import load_pipeline
-from ldm.mnist_text import build, train
+from ldm.mnist_text import TEXT, build, train
 from ldm.stable_diffusion import StableDiffusion
 from ldm.text_encoder import TextEncoder
 from ldm.tokenizer import CLIPTokenizer
@@ -113,3 +113,11 @@ def test_unknown_words_and_long_prompts_are_warned_and_still_drawn(trained):
     long = " ".join(["a thick seven on the left"] * 4)
     with pytest.warns(UserWarning, match="is 24 tokens; this model was trained on prompts of at most 22"):
         pipe(long, num_inference_steps=2, output="tensor", progress=False)
+
+
+def test_token_rows_start_large_enough_to_stay_apart(vae_run):
+    """Token rows of std 1, not CLIP's 0.02: AdamW's steps of ~lr rewrite small rows before the UNet reads them, and
+    after 20 minutes words had drifted together (README); rows the size of a LayerNorm'd feature keep them apart."""
+    table = build(vae_run).text_encoder.token_embedding.weight
+    assert 0.9 < table.std().item() < 1.1
+    assert TextEncoder(TEXT).token_embedding.weight.std().item() < 0.05  # SD's own initialisation, kept there
