@@ -15,8 +15,8 @@ samples (``ldm.data.digits.measure_digits``, mean over the seeds) moves the way 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe = ldm.load_pipeline(args.model, device="cpu")
     data = captioned_mnist(resolution=pipe.config.size)
     g = torch.Generator().manual_seed(0)
-    picked = torch.cat([(data.labels == d).nonzero().flatten()[torch.randperm(int((data.labels == d).sum()), generator=g)]
-                        [: -(-args.n // 10)] for d in range(10)])[torch.randperm(10 * -(-args.n // 10), generator=g)][: args.n]
+    per_digit = []  # n/10 captions of each digit, drawn at random (seeded)
+    for d in range(10):
+        members = (data.labels == d).nonzero().flatten()
+        per_digit.append(members[torch.randperm(len(members), generator=g)[: -(-args.n // 10)]])
+    picked = torch.cat(per_digit)[: args.n]
     labels, prompts = data.labels[picked], [data.captions[i] for i in picked.tolist()]
     samples = draw(pipe, prompts, list(range(args.n)), args.guidance, args.steps)
     def as_digits(x: torch.Tensor) -> torch.Tensor:  # 32² samples → the classifier's 28² (as `ldm evaluate` does)

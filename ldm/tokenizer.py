@@ -147,24 +147,22 @@ class CLIPTokenizer:
         folder = Path(folder)
         if not (folder / "vocab.json").exists() and (folder / "tokenizer" / "vocab.json").exists():
             folder = folder / "tokenizer"
+        configs = {name: json.loads((folder / name).read_text("utf-8"))
+                   for name in ("special_tokens_map.json", "tokenizer_config.json") if (folder / name).is_file()}
         pad_token = EOS
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # transformers lets the map win
-            if (folder / name).is_file():
-                value = json.loads((folder / name).read_text("utf-8")).get("pad_token")
-                if value is not None:
-                    pad_token = value["content"] if isinstance(value, dict) else value
-                    break
+        for config in configs.values():  # transformers lets the map win
+            if (value := config.get("pad_token")) is not None:
+                pad_token = value["content"] if isinstance(value, dict) else value
+                break
         pad = {EOS: "eos", "!": "zero"}.get(pad_token)
         if pad is None:
             raise ValueError(f"{folder}: pad token {pad_token!r} is neither {EOS!r} nor '!' (id 0)")
-        max_length = 77
-        if (folder / "tokenizer_config.json").is_file():
-            value = json.loads((folder / "tokenizer_config.json").read_text("utf-8")).get("model_max_length", 77)
-            # transformers writes int(1e30) for "no limit"; CLIP's position table still stops at 77
-            max_length = value if isinstance(value, int) and value < 10**6 else 77
-            if max_length < 3:
-                raise ValueError(f"{folder}: model_max_length {max_length} leaves no room for a word between "
-                                 "the start and end tokens")
+        value = configs.get("tokenizer_config.json", {}).get("model_max_length", 77)
+        # transformers writes int(1e30) for "no limit"; CLIP's position table still stops at 77
+        max_length = value if isinstance(value, int) and value < 10**6 else 77
+        if max_length < 3:
+            raise ValueError(f"{folder}: model_max_length {max_length} leaves no room for a word between "
+                             "the start and end tokens")
         if not (folder / "vocab.json").exists() and (folder / "tokenizer.json").exists():
             # transformers 5 saves only the fast tokenizer's file: the same BPE vocabulary and merges, as JSON
             model = json.loads(_read_bytes(folder / "tokenizer.json"))["model"]
@@ -206,7 +204,7 @@ class CLIPTokenizer:
         for prompt in prompts:
             words = self.words(prompt)
             if unknown := [w for w in dict.fromkeys(words) if w not in self.trained_words]:
-                what = "none of its words" if len(unknown) == len(words) else f"the words {', '.join(unknown)} never"
+                what = "none of its words" if len(unknown) == len(set(words)) else f"the words {', '.join(unknown)} never"
                 warnings.warn(f"prompt {prompt!r}: {what} appeared in this model's training captions, so it reads "
                               f"them as noise (it knows: {', '.join(sorted(self.trained_words))})", stacklevel=3)
             if (count := len(self.encode(prompt))) > self.max_length - 2:

@@ -151,6 +151,8 @@ def test_prompt_checks_name_unknown_words_and_overlong_prompts():
     assert tok.words("a Thick-7, ok") == ["a", "thick", "7", "ok"]
     with pytest.warns(UserWarning, match=r"'purple elephant': none of its words appeared .*\(it knows: 7, a, seven, thick\)"):
         tok.check_prompts(["purple elephant"])
+    with pytest.warns(UserWarning, match=r"'purple purple': none of its words appeared"):  # a repeated word is one
+        tok.check_prompts(["purple purple"])
     with pytest.warns(UserWarning, match=r"'a thick purple elephant': the words purple, elephant never appeared"):
         tok.check_prompts(["a thick purple elephant"])
     with pytest.warns(UserWarning, match=r"is 11 tokens; this model was trained on prompts of at most 10"):
