@@ -12,6 +12,7 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -21,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
+
+from ldm import cpu
 
 LIBRARIES = ("ldm", "diffusers")
 
@@ -141,17 +144,20 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+# Capping every kernel library at AVX2 makes an AVX-512 CPU run the code an AVX2-only one runs (bf16 is then no
+# longer native): torch's own kernels, oneDNN's convolutions, MKL's matmuls. The clock and caches stay this machine's.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def cap_at_avx2() -> None:
+    """Re-run this script with the kernels capped at AVX2 (the caps are read when torch loads, so in a new process)."""
+    if os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
 
 
 def machine_info(device: torch.device) -> dict:
     info = {
-        "cpu": cpu_model(), "cores": os.cpu_count(),
+        "cpu": cpu.cpu_model(), "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": _version("diffusers"),
@@ -168,11 +174,7 @@ def machine_info(device: torch.device) -> dict:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 in hardware (a CPU without it emulates bf16 at a few GFLOP/s)."""
-    if device.type == "cuda":
-        return True
-    with contextlib.suppress(AttributeError, RuntimeError):
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+    return device.type == "cuda" or cpu.native_bf16()
 
 
 def matmul_probe(n: int, device: torch.device, repeats: int = 3) -> dict[str, float | None]:

@@ -43,9 +43,11 @@ class LoopConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 keeps the EMA equal to the raw weights
+    ema_gamma: float = 8.0  # the EMA's warm-up averages step j's weights ∝ j^γ until ema_decay caps it (ldm.ema)
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where the hardware has it
     channels_last: bool = False
     gradient_checkpointing: bool = False  # recompute each stage in backward: less memory, ~⅓ more compute per step
+    compile: bool = False  # torch.compile the training forward/backward (inductor); its compile time counts in the budget
     steps: int | None = None  # total optimizer steps, counting resumed ones
     max_minutes: float | None = None  # wall-clock budget of one invocation
     checkpoint_every: int = 500  # steps …
@@ -84,6 +86,16 @@ def with_fields(config: Any, **changes) -> Any:
     if loop:
         own["loop"] = replace(own.get("loop", config.loop), **loop)
     return replace(config, **own)
+
+
+def adamw(params, **options) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where this torch has it for the device (CPU from torch 2.4): the
+    optimizer step of the 0.3 M-parameter MNIST UNet's 100-odd small tensors is otherwise a loop of tiny ops."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **options)
+    except (RuntimeError, ValueError):  # older torch, or a device without the fused kernel
+        return torch.optim.AdamW(params, **options)
 
 
 class TrainingDiverged(RuntimeError):
@@ -139,11 +151,13 @@ class TrainLoop:
             self.model = self.model.to(memory_format=torch.channels_last)
         if c.gradient_checkpointing:  # a runtime switch, not the model's config: a resume may turn it on or off
             set_gradient_checkpointing(self.model)
-        self.ema = EMA(self.model, c.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.ema = EMA(self.model, c.ema_decay, c.ema_gamma)
+        self.optimizer = adamw(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
         self.ddp_model = (torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device] if self.device.type == "cuda" else None) if self.distributed else self.model)
+        if c.compile:  # wraps the forward only: self.model (weights, EMA, checkpoints) stays the plain module
+            self.ddp_model = torch.compile(self.ddp_model)
 
     # --- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -206,7 +220,10 @@ class TrainLoop:
     def load_state_dict(self, state: dict) -> None:
         load_weights(self.model, state["model"])
         self.ema.load_state_dict(state["ema"])
+        kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, kernel in zip(self.optimizer.param_groups, kernels):  # how to step is this machine's choice
+            group.update(kernel)
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

@@ -77,7 +77,8 @@ class Studio:
         if self.is_sd:
             return Request(sampler=self.pipe.default_sampler, steps=self.pipe.default_steps,
                            guidance=self.pipe.guidance(None), width=self.pipe.config.size, height=self.pipe.config.size)
-        return Request(sampler="ddim", steps=50, guidance=3.0 if self.num_classes else 1.0,
+        return Request(sampler=self.pipe.default_sampler, steps=self.pipe.default_steps,
+                       guidance=3.0 if self.num_classes else 1.0,
                        class_label=0 if self.num_classes else None)
 
     def check(self, request: Request) -> Request:

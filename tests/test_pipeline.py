@@ -44,10 +44,11 @@ def test_img2img_runs_the_last_steps_only(pipe):
     spy = Spy(pipe.unet)
     pipe.unet = spy
     images = torch.rand(2, 1, 16, 16) * 2 - 1
-    out = pipe.img2img(images, strength=0.3, num_inference_steps=10, seed=0, output="tensor", progress=False)
+    out = pipe.img2img(images, strength=0.3, sampler="ddim", num_inference_steps=10, seed=0, output="tensor",
+                       progress=False)
     assert spy.seen == [200, 100, 0] and out.shape == images.shape
     with pytest.raises(ValueError, match="runs no step at all"):
-        pipe.img2img(images, strength=0.05, num_inference_steps=10)
+        pipe.img2img(images, strength=0.05, sampler="ddim", num_inference_steps=10)
     spy.seen.clear()
     pipe.img2img(images, strength=1.0, num_inference_steps=10, progress=False)
     assert len(spy.seen) == 10

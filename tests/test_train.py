@@ -49,8 +49,10 @@ def test_loss_goes_down_on_real_digits(tiny_config, mnist_small, tmp_path):
     assert (tmp_path / "samples.png").exists()
 
 
-def test_resume_equals_uninterrupted(tiny_config, mnist_small, tmp_path):
-    config = tiny_config.with_(class_conditional=True, class_dropout=0.3)  # exercises dropout + label-dropout RNG
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_resume_equals_uninterrupted(tiny_config, mnist_small, tmp_path, compile):
+    # exercises dropout + label-dropout RNG; compiled, inductor's own dropout kernels draw from the saved global RNG
+    config = tiny_config.with_(class_conditional=True, class_dropout=0.3, compile=compile)
     straight = Trainer(config.with_(steps=6), tmp_path / "a", dataset=mnist_small, progress=False)
     straight.train()
 
@@ -65,6 +67,7 @@ def test_resume_equals_uninterrupted(tiny_config, mnist_small, tmp_path):
     assert second.losses == straight.losses
     assert states_equal(second.model.state_dict(), straight.model.state_dict())
     assert states_equal(second.ema.model.state_dict(), straight.ema.model.state_dict())
+    assert isinstance(second.ddp_model, torch._dynamo.eval_frame.OptimizedModule) == compile
 
 
 def test_resume_refuses_another_config(tiny_config, mnist_small, tmp_path):

@@ -111,13 +111,16 @@ def number(kind: type, minimum: float, inclusive: bool = True):
     return parse
 
 
+MODEL_SAMPLERS = "the model’s: dpm++2m_sde for ldm’s toy runs, dpm++2m for SD, euler for SD-Turbo, lcm for an LCM"
+
+
 def add_sampling(p: argparse.ArgumentParser, sampler: str | None, steps: int | None, guidance: float | None,
                  n: int) -> None:
     """The options every sampling command shares, with that command's defaults (None: the model's own, e.g. 1 step,
-    Euler and no guidance for SD-Turbo, else DPM++ 2M, 25 steps, 7.5)."""
+    Euler and no guidance for SD-Turbo, DPM++ 2M SDE and 25 steps for ldm's toy runs, else DPM++ 2M, 25 steps, 7.5)."""
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=sampler, metavar="SAMPLER",
                    help=f"one of {', '.join(SAMPLERS)}, or as UIs name them: {', '.join(map(repr, ALIASES))} "
-                        f"(default {sampler or 'the model’s: dpm++2m, euler for SD-Turbo, lcm for an LCM'})")
+                        f"(default {sampler or MODEL_SAMPLERS})")
     p.add_argument("--sigmas", choices=SIGMA_SCHEDULES, help="σ schedule for the σ-space samplers "
                    f"({', '.join(SIGMA_SAMPLERS)}): Karras et al.'s ρ = 7, log-uniform or Beta(0.6, 0.6) spacing")
     p.add_argument("--steps", type=number(int, 1), default=steps,

@@ -18,10 +18,16 @@ from .common import (add_adapter_options, add_adapters, add_model, add_preview_o
 from .provenance import add_provenance_options, apply_from_png, settings
 
 
+def use_model_defaults(args: argparse.Namespace, pipe) -> None:
+    """--sampler and --steps not given: the model's (DPM++ 2M SDE, 25 steps for ldm's own runs; ldm.pipeline)."""
+    args.sampler, args.steps = args.sampler or pipe.default_sampler, args.steps or pipe.default_steps
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     apply_from_png(args)
     pipe = load(args)
     add_adapters(pipe, args)
+    use_model_defaults(args, pipe)
     args.n = len(args.seeds) if args.seeds else args.n
     # the rest (spacing, clipping, DDPM variance) comes from the model
     options = dict(sampler=args.sampler, sigmas=args.sigmas, num_inference_steps=args.steps, seed=args.seed,
@@ -65,6 +71,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         pipe = load(args)
         add_adapters(pipe, args)
+        use_model_defaults(args, pipe)
         num_classes = pipe.unet.config.num_classes
         labels = torch.arange(args.n) % num_classes if num_classes else None  # every class equally often
         samples = pipe(args.n, sampler=args.sampler, sigmas=args.sigmas, num_inference_steps=args.steps, seed=args.seed,
@@ -80,7 +87,7 @@ def add_sample_commands(sub) -> None:
                        epilog="A diffusers folder (e.g. google/ddpm-cifar10-32 or google/ddpm-church-256, downloaded) is "
                               "sampled with its scheduler's settings: x0 clipping, DDPM variance, timestep spacing.")
     add_model(s, "run directory, checkpoint file, or diffusers DDPMPipeline/DDIMPipeline/UNet2DModel folder")
-    add_sampling(s, "ddim", 50, 1.0, 64)
+    add_sampling(s, None, None, 1.0, 64)
     add_seeds(s)
     add_adapter_options(s)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ≈ DDPM)")
@@ -105,6 +112,6 @@ def add_sample_commands(sub) -> None:
                        epilog="Reports the share of confidently classified samples, the class spread, a Fréchet "
                               "distance on the classifier's features and, for class-conditional runs, label accuracy.")
     add_model(e, "run directory / checkpoint (samples are drawn) or a samples .npy in [0, 1]")
-    add_sampling(e, "ddim", 50, 1.0, 1000)
+    add_sampling(e, None, None, 1.0, 1000)
     add_adapter_options(e, embeddings=False)
     e.set_defaults(func=cmd_evaluate)

@@ -11,7 +11,7 @@ from ..config import parse_value
 from ..data import DATASETS
 from ..run_dir import BACKUP, check_run_dir
 from ..runs import CHECKPOINT, CONFIG
-from ..train import PRESETS, train_diffusion
+from ..train import PRESET_REASONS, PRESETS, describe_config, train_diffusion
 from ..train_vae import VAE_PRESETS, train_vae
 from .common import add_model, model_path, number
 
@@ -74,6 +74,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.preset == TEXT_PRESET:
         return cmd_train_text(args, extra)
     config = run_config(PRESETS[args.preset], args, extra, vae=args.vae, class_conditional=args.class_conditional or None)
+    reason = PRESET_REASONS.get(args.preset)
+    print(f"preset {args.preset}: {describe_config(config)}" + (f"; {reason}" if reason else ""))
     trainer = train_diffusion(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     if trainer.rank == 0:
         print(run_summary(trainer, "trained"))
