@@ -15,9 +15,9 @@ class EMA:
 
     so early averages are not dominated by the random initialisation  [Ho et al. 2020, App. B]. Until ``decay``
     caps it, this is an average of all weights so far, step j weighted about ∝ j^γ: the power-function EMA of
-    Karras et al. 2024 (EDM2, Eq. 2, (1 − 1/n)^(γ+1) for large n), which covers about the last n/(γ + 1)
-    steps at any n. γ = 8 is TensorFlow's ExponentialMovingAverage warm-up, (1 + n)/(10 + n); a smaller γ
-    averages a longer tail, which pays where the raw weights are noisy (a short run at a high learning rate).
+    Karras et al. 2024 ("Analyzing and Improving the Training Dynamics of Diffusion Models", (1 − 1/n)^(γ+1) for
+    large n), which covers about the last n/(γ + 1) steps at any n. γ = 8 is TensorFlow's ExponentialMovingAverage
+    warm-up, (1 + n)/(10 + n); a smaller γ averages a longer tail.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, gamma: float = 8.0):
@@ -40,7 +40,8 @@ class EMA:
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "gamma": self.gamma, "num_updates": self.num_updates, "model": self.model.state_dict()}
+        return {"decay": self.decay, "gamma": self.gamma, "num_updates": self.num_updates,
+                "model": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.num_updates = state["decay"], state["num_updates"]

@@ -140,3 +140,18 @@ def test_bf16_autocast_trains_on_cpu(tiny_config, mnist_small, tmp_path):
     assert all(torch.isfinite(torch.tensor(trainer.losses)))
     assert trainer.model.conv_in.weight.dtype == torch.float32  # autocast keeps master weights in fp32
 
+
+
+def test_adamw_is_fused_where_torch_can_and_a_checkpoint_does_not_change_that(tiny_config, mnist_small, tmp_path):
+    trainer = Trainer(tiny_config.with_(steps=2), tmp_path / "a", dataset=mnist_small, progress=False)
+    fused = trainer.optimizer.param_groups[0]["fused"]
+    assert fused == (torch.__version__ >= "2.4")  # CPU kernels from torch 2.4 (TorchVersion compares as versions)
+    trainer.train()
+    state = trainer.state_dict()
+    for group in state["optimizer"]["param_groups"]:  # as a checkpoint from an older torch, or a GPU without it
+        group["fused"] = not fused
+    again = Trainer(tiny_config.with_(steps=4), tmp_path / "b", dataset=mnist_small, progress=False)
+    again.load_state_dict(state)
+    assert again.optimizer.param_groups[0]["fused"] == fused
+    again.train()
+    assert again.step == 4
