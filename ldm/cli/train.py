@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from ..config import parse_value
@@ -75,7 +76,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         return cmd_train_text(args, extra)
     config = run_config(PRESETS[args.preset], args, extra, vae=args.vae, class_conditional=args.class_conditional or None)
     reason = PRESET_REASONS.get(args.preset)
-    print(f"preset {args.preset}: {describe_config(config)}" + (f"; {reason}" if reason else ""))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"preset {args.preset}: {describe_config(config)}" + (f"; {reason}" if reason else ""))
     trainer = train_diffusion(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     if trainer.rank == 0:
         print(run_summary(trainer, "trained"))
