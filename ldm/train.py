@@ -85,7 +85,8 @@ PRESET_REASONS = {
 def describe_config(config: TrainConfig) -> str:
     """One line: what is trained and how (model size, batch, learning rate, objective, EMA)."""
     u, loop = config.unet, config.loop
-    params = sum(p.numel() for p in UNet(u).parameters()) / 1e6
+    with torch.device("meta"):  # shapes only: no memory, no initialisation (the trainer builds the real one)
+        params = sum(p.numel() for p in UNet(u).parameters()) / 1e6
     weighting = f", min-SNR-{config.min_snr_gamma:g} weighting" if config.min_snr_gamma else ""
     return (f"UNet {u.channels} channels × {','.join(map(str, u.channel_mult))} ({params:.2f} M parameters), "
             f"batch {loop.batch_size}, lr {loop.lr:g}, {config.prediction}-prediction{weighting}, "
