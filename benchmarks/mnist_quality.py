@@ -27,13 +27,14 @@ from ldm.train import TrainConfig, train_diffusion
 
 # Each is a change to the mnist preset (TrainConfig.mnist()); README "MNIST recipe" lists their scores.
 VARIANTS = {
-    "preset": {},
+    "preset": {},  # class-conditional, scored with every class equally often and no guidance
     # the objective and the optimizer (measured by steps: --train-steps 2500 / 5000)
-    "no min-SNR": dict(min_snr_gamma=None),
-    "lr 2e-3": dict(lr=2e-3),
-    "batch 32": dict(batch_size=32),
-    "EMA gamma 3": dict(ema_gamma=3.0, ema_decay=0.9999),
-    "v-prediction": dict(prediction="v"),
+    "unconditional": dict(class_conditional=False),
+    "no min-SNR": dict(class_conditional=False, min_snr_gamma=None),
+    "lr 2e-3": dict(class_conditional=False, lr=2e-3),
+    "batch 32": dict(class_conditional=False, batch_size=32),
+    "EMA gamma 3": dict(class_conditional=False, ema_gamma=3.0, ema_decay=0.9999),
+    "v-prediction": dict(class_conditional=False, prediction="v"),
     # width, depth and precision (measured by wall clock: --minutes 4)
     "ch32 fp32": dict(mixed_precision="no", unet=dict(channels=32)),
     "ch32 bf16": dict(mixed_precision="bf16", unet=dict(channels=32)),

@@ -57,6 +57,16 @@ def parse_value(cls: type, name: str, text: str) -> Any:
     return _parse(hints[name], text, name)
 
 
+def parse_bool(text: str, name: str) -> bool:
+    """true/false, 1/0, yes/no, on/off (any case)."""
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} expects a boolean (true or false), got {text!r}")
+
+
 def _parse(hint: Any, text: str, name: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -72,12 +82,7 @@ def _parse(hint: Any, text: str, name: str) -> Any:
             raise ValueError(f"{name} must be one of {', '.join(map(str, args))}; got {text!r}")
         return text
     if hint is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name} expects a boolean, got {text!r}")
+        return parse_bool(text, name)
     if hint in (int, float, str):
         try:
             return hint(text)

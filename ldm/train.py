@@ -54,8 +54,12 @@ class TrainConfig:
 
     @classmethod
     def mnist(cls) -> "TrainConfig":
-        """The 20-minute CPU recipe for 28×28 digits (see README for how its numbers were chosen)."""
-        return cls(unet=UNetConfig.mnist(), schedule=ScheduleConfig.cosine(), min_snr_gamma=5.0,
+        """The 20-minute CPU recipe for 28×28 digits (see README for how its numbers were chosen).
+
+        Class-conditional: the label tells the model which digit it is drawing, so its capacity goes into
+        strokes rather than into deciding the class; sampled with every class equally often and no guidance it
+        still draws from p(x) = Σ_y p(y) p(x | y), with far better digits than the same model unconditional."""
+        return cls(unet=UNetConfig.mnist(), schedule=ScheduleConfig.cosine(), min_snr_gamma=5.0, class_conditional=True,
                    loop=LoopConfig(batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, mixed_precision="auto"))
 
     @classmethod
@@ -76,7 +80,8 @@ class TrainConfig:
 PRESETS = {"mnist": TrainConfig.mnist, "cifar10": TrainConfig.cifar10, "mnist-latent": TrainConfig.mnist_latent}
 # Why a preset is what it is on this CPU, for the line `ldm train` prints at start (README, "MNIST recipe").
 PRESET_REASONS = {
-    "mnist": "the same model and batch on every CPU, only the precision follows it: with fp32 (no native bf16) "
+    "mnist": "class labels because they buy far better digits at no cost in speed, even sampled without guidance; "
+             "the same model and batch on every CPU, only the precision follows it: with fp32 (no native bf16) "
              "batch 32 makes 1.8× the steps of batch 64 and samples no better in the same time",
     "mnist-latent": "the same model and batch on every CPU, only the precision follows it",
 }
@@ -88,7 +93,8 @@ def describe_config(config: TrainConfig) -> str:
     with torch.device("meta"):  # shapes only: no memory, no initialisation (the trainer builds the real one)
         params = sum(p.numel() for p in UNet(u).parameters()) / 1e6
     weighting = f", min-SNR-{config.min_snr_gamma:g} weighting" if config.min_snr_gamma else ""
-    return (f"UNet {u.channels} channels × {','.join(map(str, u.channel_mult))} ({params:.2f} M parameters), "
+    labels = f", class-conditional ({config.class_dropout:.0%} label dropout)" if config.class_conditional else ""
+    return (f"UNet {u.channels} channels × {','.join(map(str, u.channel_mult))} ({params:.2f} M parameters){labels}, "
             f"batch {loop.batch_size}, lr {loop.lr:g}, {config.prediction}-prediction{weighting}, "
             f"EMA γ {loop.ema_gamma:g} (≤ {loop.ema_decay:g})")
 
@@ -121,7 +127,8 @@ class Trainer(TrainLoop):
                              f"{kind}, the UNet expects {u.in_channels}×{u.sample_size}²{hint}")
         if config.class_conditional and u.num_classes is None:
             if dataset.num_classes is None:
-                raise ValueError(f"--class-conditional needs a labelled dataset; {config.dataset} has no labels")
+                raise ValueError(f"a class-conditional model needs a labelled dataset; {config.dataset} has no labels "
+                                 "(--class-conditional false trains an unconditional one)")
             config = config.with_(unet=u.with_(num_classes=dataset.num_classes))
         super().__init__(config, out_dir, dataset, device=device, progress=progress)
         self.schedule = NoiseSchedule(config.schedule)

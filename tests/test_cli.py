@@ -25,6 +25,18 @@ def test_train_writes_run_and_resume_continues(run_dir, capsys):
     assert "trained to step 5" in capsys.readouterr().out
 
 
+def test_the_mnist_preset_is_class_conditional_and_false_turns_it_off(tmp_path, capsys):
+    main(["train", "--preset", "mnist", "--out", str(tmp_path / "c"), "--steps", "1", *TINY])
+    assert "class-conditional (10% label dropout)" in capsys.readouterr().out
+    assert load_pipeline(tmp_path / "c").unet.config.num_classes == 10
+    main(["train", "--preset", "mnist", "--out", str(tmp_path / "u"), "--steps", "1", "--class-conditional", "false", *TINY])
+    assert "class-conditional" not in capsys.readouterr().out
+    assert load_pipeline(tmp_path / "u").unet.config.num_classes is None
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "mnist", "--out", str(tmp_path / "x"), "--steps", "1", "--class-conditional", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
 def test_sample_is_reproducible_and_writes_npy(run_dir, tmp_path):
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
     for npy in (a, b):
@@ -34,6 +46,13 @@ def test_sample_is_reproducible_and_writes_npy(run_dir, tmp_path):
     assert np.array_equal(x, np.load(b))
     main(["sample", str(run_dir), "--steps", "4", "--n", "6", "--seed", "4", "--out", str(tmp_path / "g.png"), "--npy", str(a)])
     assert not np.array_equal(np.load(a), x)
+
+
+def test_sample_of_fewer_images_than_classes_has_no_empty_columns(run_dir, tmp_path):
+    out = tmp_path / "g.png"
+    main(["sample", str(run_dir), "--steps", "2", "--n", "4", "--out", str(out)])
+    width, height = Image.open(out).size
+    assert width * 32 == height * (4 * 30 + 2)  # one row of four 28-pixel digits with 2-pixel gaps, at any scale
 
 
 def test_sample_compile_compiles_the_pipeline(run_dir, tmp_path, monkeypatch):

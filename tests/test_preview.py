@@ -139,8 +139,8 @@ def test_cli_sample_keeps_a_preview_and_animates_it(tmp_path, capsys):
     from test_cli import TINY
 
     run = tmp_path / "run"
-    main(["train", "--preset", "mnist", "--out", str(run), "--steps", "1", *TINY])
-    out = tmp_path / "digits.png"
+    main(["train", "--preset", "mnist", "--class-conditional", "false", "--out", str(run), "--steps", "1", *TINY])
+    out = tmp_path / "digits.png"  # unconditional: one square grid, like the preview's
     main(["sample", str(run), "--n", "4", "--steps", "4", "--preview", "full", "--preview-every", "2", "--out", str(out)])
     assert Image.open(tmp_path / "digits.preview.png").size == (Image.open(out).size[0] // 2,) * 2  # --scale 2
     assert Image.open(tmp_path / "digits.preview.gif").format == "GIF"  # (frames: test_preview_files_…)

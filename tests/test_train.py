@@ -7,6 +7,7 @@ import torch
 
 from ldm.checkpoint import CheckpointError, safe_load
 from ldm.cli import override_config
+from ldm.data import ImageDataset
 from ldm.losses import diffusion_loss
 from ldm.loop import TrainingDiverged, epoch_indices
 from ldm.train import Trainer
@@ -103,6 +104,12 @@ def test_sigterm_stops_with_a_checkpoint(tiny_config, mnist_small, tmp_path):
     trainer.train_step = step_then_kill
     trainer.train()
     assert safe_load(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+def test_class_conditional_without_labels_says_how_to_turn_it_off(tiny_config, mnist_small, tmp_path):
+    unlabelled = ImageDataset(mnist_small.images, None, None, name="a folder")
+    with pytest.raises(ValueError, match="needs a labelled dataset.*--class-conditional false"):
+        Trainer(tiny_config.with_(class_conditional=True), tmp_path / "run", dataset=unlabelled, progress=False)
 
 
 def test_epoch_indices_are_a_permutation_per_epoch():

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import parse_bool
 from ..images import save_gif, save_strip
 from ..loading import load_pipeline
 from ..pipeline import DiffusionPipeline
@@ -96,6 +97,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def add_model(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL", help=what)
     p.add_argument("--checkpoint", help="the model, as an option instead of MODEL")
+
+
+def boolean(text: str) -> bool:
+    """An argparse type: true/false (1/0, yes/no, on/off)."""
+    try:
+        return parse_bool(text, "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
 
 
 def number(kind: type, minimum: float, inclusive: bool = True):

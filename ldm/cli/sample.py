@@ -46,7 +46,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         class_label, num_classes = args.class_label, pipe.unet.config.num_classes
         if class_label is None and num_classes:  # a class-conditional model: one column per class
             class_label = torch.arange(args.n) % num_classes
-            args.nrow = args.nrow or num_classes
+            args.nrow = args.nrow or min(num_classes, args.n)  # fewer images than classes: no empty columns
         first, options = args.n, options | dict(class_label=class_label, batch_size=args.batch_size)
     out = Path(args.out)
     if args.trajectory or args.preview:

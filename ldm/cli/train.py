@@ -14,7 +14,7 @@ from ..run_dir import BACKUP, check_run_dir
 from ..runs import CHECKPOINT, CONFIG
 from ..train import PRESET_REASONS, PRESETS, describe_config, train_diffusion
 from ..train_vae import VAE_PRESETS, train_vae
-from .common import add_model, model_path, number
+from .common import add_model, boolean, model_path, number
 
 TEXT_PRESET = "mnist-text"  # the tiny text-to-image model: ldm.mnist_text, not a TrainConfig
 
@@ -74,7 +74,7 @@ def run_summary(trainer, command: str) -> str:
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.preset == TEXT_PRESET:
         return cmd_train_text(args, extra)
-    config = run_config(PRESETS[args.preset], args, extra, vae=args.vae, class_conditional=args.class_conditional or None)
+    config = run_config(PRESETS[args.preset], args, extra, vae=args.vae, class_conditional=args.class_conditional)
     reason = PRESET_REASONS.get(args.preset)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"preset {args.preset}: {describe_config(config)}" + (f"; {reason}" if reason else ""))
@@ -89,7 +89,7 @@ def cmd_train_text(args: argparse.Namespace, extra: list[str]) -> None:
 
     if not args.vae:
         raise ValueError("--preset mnist-text draws in a VAE's latents: give --vae VAE_RUN (ldm train-vae --preset mnist)")
-    if extra or args.dataset or args.class_conditional:
+    if extra or args.dataset or args.class_conditional is not None:
         given = " ".join(extra) or ("--dataset" if args.dataset else "--class-conditional")
         raise ValueError(f"--preset mnist-text takes its data (mnist-text captions) and settings as they are; "
                          f"{given} is not for it")
@@ -206,7 +206,9 @@ def add_training_commands(sub) -> None:
     t = add_training(sub, "train", {**PRESETS, TEXT_PRESET: None}, "train a pixel-space or latent diffusion model",
                      "Any config field can be set as --field value (e.g. --lr 5e-4, --unet.channels 64, "
                      "--schedule.kind linear, --prediction v, --mixed-precision bf16).")
-    t.add_argument("--class-conditional", action="store_true", help="condition on labels (with label dropout for CFG)")
+    t.add_argument("--class-conditional", nargs="?", const="true", type=boolean, metavar="true|false",
+                   help="condition on labels, with label dropout for CFG (the mnist and mnist-latent presets do; "
+                        "false: an unconditional model)")
     t.add_argument("--vae", help="a `ldm train-vae` run directory: train on its latents (latent diffusion)")
     t.set_defaults(func=cmd_train)
     v = add_training(sub, "train-vae", VAE_PRESETS, "train the autoencoder for latent diffusion",
