@@ -148,7 +148,6 @@ def test_bf16_autocast_trains_on_cpu(tiny_config, mnist_small, tmp_path):
     assert trainer.model.conv_in.weight.dtype == torch.float32  # autocast keeps master weights in fp32
 
 
-
 def test_adamw_is_fused_where_torch_can_and_a_checkpoint_does_not_change_that(tiny_config, mnist_small, tmp_path):
     trainer = Trainer(tiny_config.with_(steps=2), tmp_path / "a", dataset=mnist_small, progress=False)
     fused = trainer.optimizer.param_groups[0]["fused"]
